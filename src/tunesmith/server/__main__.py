@@ -1,0 +1,5 @@
+"""``python -m tunesmith.server serve|jobs ...``"""
+
+from .commands import main
+
+main()

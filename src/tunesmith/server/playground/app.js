@@ -1,0 +1,617 @@
+// tunesmith playground: plain JS, no build step, talks to the same server's /v1 API.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const KEY_STORE = "tunesmith.apiKey";
+const MODEL_STORE = "tunesmith.model";
+const state = {
+  authRequired: false,
+  models: [],
+  writeAbort: null,
+  chatAbort: null,
+  chat: [],
+  selectedJob: null,
+  jobTimer: null,
+  listTimer: null,
+};
+
+// ---------------------------------------------------------------------------------------------
+// API helpers
+
+function authHeaders() {
+  const key = localStorage.getItem(KEY_STORE);
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const err = (body && body.error) || {};
+    super(err.message || ("HTTP " + status));
+    this.status = status;
+    this.param = err.param || null;
+    this.code = err.code || null;
+  }
+}
+
+async function api(path, options = {}) {
+  const opts = { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } };
+  if (opts.json !== undefined) {
+    opts.body = JSON.stringify(opts.json);
+    opts.headers["Content-Type"] = "application/json";
+    delete opts.json;
+  }
+  const res = await fetch(path, opts);
+  let body = null;
+  const text = await res.text();
+  try { body = text ? JSON.parse(text) : null; } catch (_) { body = null; }
+  if (!res.ok) {
+    const err = new ApiError(res.status, body);
+    if (res.status === 401) needKey(err.message);
+    throw err;
+  }
+  return body;
+}
+
+// POST a streaming request and call onData(obj) for each SSE `data:` object until [DONE].
+async function streamSSE(path, payload, onData, signal) {
+  const res = await fetch(path, {
+    method: "POST",
+    headers: { ...authHeaders(), "Content-Type": "application/json", Accept: "text/event-stream" },
+    body: JSON.stringify(payload),
+    signal,
+  });
+  if (!res.ok) {
+    let body = null;
+    try { body = await res.json(); } catch (_) { /* not JSON */ }
+    const err = new ApiError(res.status, body);
+    if (res.status === 401) needKey(err.message);
+    throw err;
+  }
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of block.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        const obj = JSON.parse(data);
+        if (obj.error) throw new ApiError(400, obj);
+        onData(obj);
+      }
+    }
+  }
+}
+
+function showBanner(message) {
+  const el = $("#banner");
+  if (!message) { el.classList.add("hidden"); el.textContent = ""; return; }
+  el.textContent = message;
+  el.classList.remove("hidden");
+}
+
+function needKey(message) {
+  const box = $("#keybox");
+  box.classList.remove("hidden");
+  box.classList.add("needed");
+  showBanner((message || "This server needs an API key.") + " Enter the key in the field at the top right.");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tabs and settings
+
+function switchView(view) {
+  for (const tab of document.querySelectorAll(".tab")) {
+    const on = tab.dataset.view === view;
+    tab.classList.toggle("active", on);
+    tab.setAttribute("aria-selected", on ? "true" : "false");
+  }
+  for (const name of ["write", "chat", "jobs"]) $("#view-" + name).classList.toggle("hidden", name !== view);
+  $("#settings").classList.toggle("hidden", view === "jobs");
+  $("#layout").classList.toggle("wide", view === "jobs");
+  if (view === "jobs") { refreshJobs(); startListPolling(); } else { stopListPolling(); }
+  history.replaceState(null, "", "#" + view);
+}
+
+function bindSlider(id, digits) {
+  const input = $("#" + id);
+  const out = $("#" + id + "-val");
+  const show = () => { out.textContent = Number(input.value).toFixed(digits); };
+  input.addEventListener("input", show);
+  show();
+}
+
+function sampling() {
+  const body = {
+    model: $("#model").value,
+    temperature: Number($("#temperature").value),
+    max_tokens: Number($("#max-tokens").value),
+    top_p: Number($("#top-p").value),
+  };
+  const stop = $("#stop").value.replace(/\\n/g, "\n");
+  if (stop) body.stop = [stop];
+  const seed = $("#seed").value;
+  if (seed !== "") body.seed = Number(seed);
+  return body;
+}
+
+async function loadModels(select) {
+  try {
+    const res = await api("/v1/models");
+    state.models = res.data;
+  } catch (err) {
+    $("#model-hint").textContent = "Could not list models: " + err.message;
+    return;
+  }
+  const modelSel = $("#model");
+  const current = select || modelSel.value || localStorage.getItem(MODEL_STORE);
+  modelSel.textContent = "";
+  const groups = [["base", "Base models"], ["fine-tune", "Fine-tuned"], ["run", "Runs"]];
+  for (const [kind, label] of groups) {
+    const items = state.models.filter((m) => (m.kind || "base") === kind);
+    if (!items.length) continue;
+    const group = document.createElement("optgroup");
+    group.label = label;
+    for (const m of items) {
+      const opt = document.createElement("option");
+      opt.value = m.id;
+      opt.textContent = m.id;
+      group.appendChild(opt);
+    }
+    modelSel.appendChild(group);
+  }
+  if (current && state.models.some((m) => m.id === current)) modelSel.value = current;
+  const n = state.models.length;
+  $("#model-hint").textContent = n ? n + " model" + (n === 1 ? "" : "s") + " available" : "No models found.";
+  const baseSel = $("#job-base");
+  const prevBase = baseSel.value;
+  baseSel.textContent = "";
+  for (const m of state.models.filter((m) => (m.kind || "base") === "base")) {
+    const opt = document.createElement("option");
+    opt.value = m.id;
+    opt.textContent = m.id;
+    baseSel.appendChild(opt);
+  }
+  if (prevBase) baseSel.value = prevBase;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Write (completions)
+
+async function generate() {
+  const prompt = $("#prompt").value;
+  const out = $("#output");
+  out.textContent = "";
+  if ($("#show-prompt").checked && prompt) {
+    const p = document.createElement("span");
+    p.className = "prompt-text";
+    p.textContent = prompt;
+    out.appendChild(p);
+  }
+  const gen = document.createElement("span");
+  gen.className = "gen-text";
+  gen.id = "gen-text";
+  out.appendChild(gen);
+  const cursor = document.createElement("span");
+  cursor.className = "cursor";
+  out.appendChild(cursor);
+
+  const controller = new AbortController();
+  state.writeAbort = controller;
+  $("#generate").disabled = true;
+  $("#stop-gen").disabled = false;
+  $("#write-stats").textContent = "loading model…";
+  showBanner("");
+  const started = performance.now();
+  let first = 0;
+  let pieces = 0;
+  let finish = "";
+  let usage = null;
+  try {
+    await streamSSE("/v1/completions", {
+      ...sampling(), prompt, stream: true, stream_options: { include_usage: true },
+    }, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      const choice = chunk.choices && chunk.choices[0];
+      if (!choice) return;
+      if (choice.text) {
+        if (!first) first = performance.now();
+        gen.textContent += choice.text;
+        pieces += 1;
+        $("#write-stats").textContent = pieces + " chunks…";
+      }
+      if (choice.finish_reason) finish = choice.finish_reason;
+    }, controller.signal);
+    const secs = (performance.now() - (first || started)) / 1000;
+    const toks = usage ? usage.completion_tokens : pieces;
+    $("#write-stats").textContent = toks + " tokens · " + (secs > 0 ? (toks / secs).toFixed(1) : "–") +
+      " tok/s · finish: " + (finish || "?");
+  } catch (err) {
+    if (err.name === "AbortError") {
+      $("#write-stats").textContent = "stopped";
+    } else {
+      $("#write-stats").textContent = "";
+      showBanner(err.message);
+    }
+  } finally {
+    cursor.remove();
+    state.writeAbort = null;
+    $("#generate").disabled = false;
+    $("#stop-gen").disabled = true;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat
+
+function addMessage(role, text) {
+  $("#chat-empty").classList.add("hidden");
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  const r = document.createElement("span");
+  r.className = "msg-role";
+  r.textContent = role === "user" ? "you" : role;
+  const body = document.createElement("span");
+  body.className = "msg-body";
+  body.textContent = text;
+  div.append(r, body);
+  $("#messages").appendChild(div);
+  $("#messages").scrollTop = $("#messages").scrollHeight;
+  return body;
+}
+
+async function sendChat(ev) {
+  if (ev) ev.preventDefault();
+  const input = $("#chat-input");
+  const text = input.value.trim();
+  if (!text || state.chatAbort) return;
+  input.value = "";
+  state.chat.push({ role: "user", content: text });
+  addMessage("user", text);
+  const body = addMessage("assistant", "");
+  const messages = [];
+  const system = $("#system-prompt").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  messages.push(...state.chat);
+  const controller = new AbortController();
+  state.chatAbort = controller;
+  $("#send").disabled = true;
+  $("#stop-chat").disabled = false;
+  showBanner("");
+  let reply = "";
+  try {
+    await streamSSE("/v1/chat/completions", { ...sampling(), messages, stream: true }, (chunk) => {
+      const choice = chunk.choices && chunk.choices[0];
+      if (choice && choice.delta && choice.delta.content) {
+        reply += choice.delta.content;
+        body.textContent = reply;
+        $("#messages").scrollTop = $("#messages").scrollHeight;
+      }
+    }, controller.signal);
+  } catch (err) {
+    if (err.name !== "AbortError") {
+      body.parentElement.className = "msg error";
+      body.textContent = err.message;
+    }
+  } finally {
+    if (reply) state.chat.push({ role: "assistant", content: reply });
+    state.chatAbort = null;
+    $("#send").disabled = false;
+    $("#stop-chat").disabled = true;
+  }
+}
+
+function clearChat() {
+  state.chat = [];
+  for (const el of document.querySelectorAll("#messages .msg")) el.remove();
+  $("#chat-empty").classList.remove("hidden");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fine-tuning jobs
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+function fmtTime(ts) {
+  if (!ts) return "";
+  const d = new Date(ts * 1000);
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+function badge(el, status) {
+  el.className = "badge " + status;
+  el.textContent = status;
+}
+
+async function refreshJobs() {
+  let res;
+  try { res = await api("/v1/fine_tuning/jobs?limit=50"); } catch (err) { return; }
+  const list = $("#job-list");
+  list.textContent = "";
+  if (!res.data.length) {
+    const li = document.createElement("li");
+    li.className = "placeholder";
+    li.textContent = "No jobs yet. Upload a text to start one.";
+    list.appendChild(li);
+    return;
+  }
+  for (const job of res.data) {
+    const li = document.createElement("li");
+    li.className = "job-item" + (job.id === state.selectedJob ? " selected" : "");
+    li.dataset.id = job.id;
+    const left = document.createElement("div");
+    left.className = "job-text";
+    const name = document.createElement("div");
+    name.className = "job-name";
+    name.textContent = job.fine_tuned_model || job.id;
+    const meta = document.createElement("div");
+    meta.className = "job-meta";
+    meta.textContent = job.model + " · " + new Date(job.created_at * 1000).toLocaleString();
+    left.append(name, meta);
+    const b = document.createElement("span");
+    badge(b, job.status);
+    li.append(left, b);
+    li.addEventListener("click", () => selectJob(job.id));
+    list.appendChild(li);
+  }
+}
+
+function startListPolling() {
+  stopListPolling();
+  state.listTimer = setInterval(refreshJobs, 3000);
+}
+
+function stopListPolling() {
+  if (state.listTimer) clearInterval(state.listTimer);
+  state.listTimer = null;
+}
+
+async function selectJob(id) {
+  state.selectedJob = id;
+  for (const li of document.querySelectorAll(".job-item")) li.classList.toggle("selected", li.dataset.id === id);
+  $("#job-detail").classList.remove("hidden");
+  if (state.jobTimer) clearTimeout(state.jobTimer);
+  await pollJob();
+}
+
+async function pollJob() {
+  const id = state.selectedJob;
+  if (!id) return;
+  let job, metrics, events;
+  try {
+    [job, metrics, events] = await Promise.all([
+      api("/v1/fine_tuning/jobs/" + id),
+      api("/v1/fine_tuning/jobs/" + id + "/metrics"),
+      api("/v1/fine_tuning/jobs/" + id + "/events?limit=200"),
+    ]);
+  } catch (err) {
+    showBanner(err.message);
+    return;
+  }
+  if (id !== state.selectedJob) return;
+  $("#jd-title").textContent = job.id;
+  $("#jd-model").textContent = job.fine_tuned_model || ("base " + job.model + (job.user_provided_suffix ? " · suffix " + job.user_provided_suffix : ""));
+  badge($("#jd-status"), job.status);
+  $("#jd-cancel").classList.toggle("hidden", TERMINAL.has(job.status));
+  $("#jd-use").classList.toggle("hidden", job.status !== "succeeded");
+  const train = metrics.data.filter((m) => m.train_loss !== undefined && m.train_loss !== null);
+  const valid = metrics.data.filter((m) => m.valid_loss !== undefined && m.valid_loss !== null);
+  const last = train[train.length - 1];
+  const total = last && last.total_steps;
+  const pct = job.status === "succeeded" ? 100 : (last && total ? Math.round((100 * last.step) / total) : 0);
+  $("#jd-progress").style.width = pct + "%";
+  const parts = [];
+  if (last) parts.push("step " + last.step + (total ? "/" + total : ""), "loss " + last.train_loss.toFixed(3));
+  if (valid.length) parts.push("validation loss " + valid[valid.length - 1].valid_loss.toFixed(3));
+  if (job.trained_tokens) parts.push(job.trained_tokens.toLocaleString() + " tokens");
+  const hp = job.hyperparameters || {};
+  parts.push("epochs " + hp.n_epochs + ", batch " + hp.batch_size);
+  if (job.error) parts.push("error: " + job.error.message);
+  $("#jd-summary").textContent = parts.join(" · ");
+  drawChart($("#loss-chart"), train, valid, total);
+  const list = $("#jd-events");
+  list.textContent = "";
+  for (const e of events.data) {
+    const li = document.createElement("li");
+    const t = document.createElement("time");
+    t.textContent = fmtTime(e.created_at);
+    const m = document.createElement("span");
+    m.className = "ev-msg lvl-" + e.level;
+    m.textContent = e.message;
+    li.append(t, m);
+    list.appendChild(li);
+  }
+  if (!TERMINAL.has(job.status)) {
+    state.jobTimer = setTimeout(pollJob, 1500);
+  } else {
+    refreshJobs();
+    if (job.status === "succeeded") loadModels();
+  }
+}
+
+function cssVar(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+}
+
+// A small line chart: training loss as a line, validation loss as a line with dots.
+function drawChart(canvas, train, valid, totalSteps) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 640;
+  const h = canvas.clientHeight || 260;
+  canvas.width = Math.round(w * dpr);
+  canvas.height = Math.round(h * dpr);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  const muted = cssVar("--muted");
+  const border = cssVar("--border");
+  ctx.font = "12px system-ui, sans-serif";
+  const pts = train.map((m) => [m.step, m.train_loss]).concat(valid.map((m) => [m.step, m.valid_loss]));
+  if (!pts.length) {
+    ctx.fillStyle = muted;
+    ctx.textAlign = "center";
+    ctx.fillText("The loss curve appears when training starts.", w / 2, h / 2);
+    return;
+  }
+  const pad = { l: 48, r: 16, t: 14, b: 30 };
+  const xmax = Math.max(totalSteps || 0, ...pts.map((p) => p[0]), 1);
+  let ymin = Math.min(...pts.map((p) => p[1]));
+  let ymax = Math.max(...pts.map((p) => p[1]));
+  if (ymax - ymin < 1e-6) { ymax += 0.5; ymin -= 0.5; }
+  const span = ymax - ymin;
+  ymin -= span * 0.08;
+  ymax += span * 0.08;
+  const X = (s) => pad.l + (s / xmax) * (w - pad.l - pad.r);
+  const Y = (v) => pad.t + (1 - (v - ymin) / (ymax - ymin)) * (h - pad.t - pad.b);
+  ctx.strokeStyle = border;
+  ctx.fillStyle = muted;
+  ctx.lineWidth = 1;
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  for (let i = 0; i <= 4; i++) {
+    const v = ymin + ((ymax - ymin) * i) / 4;
+    const y = Y(v);
+    ctx.beginPath(); ctx.moveTo(pad.l, y); ctx.lineTo(w - pad.r, y); ctx.stroke();
+    ctx.fillText(v.toFixed(2), pad.l - 6, y);
+  }
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  for (let i = 0; i <= 4; i++) {
+    const s = Math.round((xmax * i) / 4);
+    ctx.fillText(String(s), X(s), h - pad.b + 8);
+  }
+  ctx.textAlign = "left";
+  ctx.fillText("step", pad.l, h - 14 > h - pad.b + 8 ? h - 14 : h - pad.b + 8);
+  const line = (series, color, dots) => {
+    if (!series.length) return;
+    ctx.strokeStyle = color;
+    ctx.fillStyle = color;
+    ctx.lineWidth = 2;
+    ctx.lineJoin = "round";
+    ctx.beginPath();
+    series.forEach(([s, v], i) => (i ? ctx.lineTo(X(s), Y(v)) : ctx.moveTo(X(s), Y(v))));
+    ctx.stroke();
+    if (dots || series.length === 1) {
+      for (const [s, v] of series) { ctx.beginPath(); ctx.arc(X(s), Y(v), 3, 0, Math.PI * 2); ctx.fill(); }
+    }
+  };
+  line(train.map((m) => [m.step, m.train_loss]), cssVar("--accent"), false);
+  line(valid.map((m) => [m.step, m.valid_loss]), cssVar("--valid"), true);
+}
+
+async function startJob(ev) {
+  ev.preventDefault();
+  const fileInput = $("#train-file");
+  const errEl = $("#job-error");
+  errEl.classList.add("hidden");
+  if (!fileInput.files.length) { errEl.textContent = "Choose a training file first."; errEl.classList.remove("hidden"); return; }
+  const status = $("#job-form-status");
+  $("#start-job").disabled = true;
+  try {
+    status.textContent = "uploading…";
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", fileInput.files[0]);
+    const file = await api("/v1/files", { method: "POST", body: form });
+    status.textContent = "creating job…";
+    const hyperparameters = {};
+    const num = (id) => ($(id).value === "" ? undefined : Number($(id).value));
+    if (num("#job-epochs") !== undefined) hyperparameters.n_epochs = num("#job-epochs");
+    if (num("#job-batch") !== undefined) hyperparameters.batch_size = num("#job-batch");
+    if (num("#job-lr") !== undefined) hyperparameters.learning_rate_multiplier = num("#job-lr");
+    const body = { model: $("#job-base").value, training_file: file.id, hyperparameters };
+    const suffix = $("#job-suffix").value.trim();
+    if (suffix) body.suffix = suffix;
+    const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
+    status.textContent = "started " + job.id;
+    await refreshJobs();
+    await selectJob(job.id);
+  } catch (err) {
+    status.textContent = "";
+    errEl.textContent = err.message;
+    errEl.classList.remove("hidden");
+  } finally {
+    $("#start-job").disabled = false;
+  }
+}
+
+async function cancelJob() {
+  if (!state.selectedJob) return;
+  try {
+    await api("/v1/fine_tuning/jobs/" + state.selectedJob + "/cancel", { method: "POST" });
+  } catch (err) {
+    showBanner(err.message);
+  }
+  pollJob();
+}
+
+async function useModel() {
+  const job = await api("/v1/fine_tuning/jobs/" + state.selectedJob);
+  if (!job.fine_tuned_model) return;
+  await loadModels(job.fine_tuned_model);
+  $("#model").value = job.fine_tuned_model;
+  localStorage.setItem(MODEL_STORE, job.fine_tuned_model);
+  switchView("write");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start up
+
+async function init() {
+  for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => switchView(tab.dataset.view));
+  bindSlider("temperature", 2);
+  bindSlider("max-tokens", 0);
+  bindSlider("top-p", 2);
+  $("#generate").addEventListener("click", generate);
+  $("#stop-gen").addEventListener("click", () => state.writeAbort && state.writeAbort.abort());
+  $("#prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate();
+  });
+  $("#copy-output").addEventListener("click", () => {
+    const text = $("#output").innerText;
+    if (navigator.clipboard) navigator.clipboard.writeText(text).catch(() => {});
+  });
+  $("#chat-form").addEventListener("submit", sendChat);
+  $("#chat-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) sendChat(e);
+  });
+  $("#stop-chat").addEventListener("click", () => state.chatAbort && state.chatAbort.abort());
+  $("#clear-chat").addEventListener("click", clearChat);
+  $("#job-form").addEventListener("submit", startJob);
+  $("#refresh-jobs").addEventListener("click", refreshJobs);
+  $("#jd-cancel").addEventListener("click", cancelJob);
+  $("#jd-use").addEventListener("click", useModel);
+  $("#model").addEventListener("change", () => localStorage.setItem(MODEL_STORE, $("#model").value));
+  $("#api-key").value = localStorage.getItem(KEY_STORE) || "";
+  $("#save-key").addEventListener("click", () => {
+    const key = $("#api-key").value.trim();
+    if (key) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
+    $("#keybox").classList.remove("needed");
+    showBanner("");
+    loadModels();
+    if (!$("#view-jobs").classList.contains("hidden")) refreshJobs();
+  });
+  $("#api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") $("#save-key").click(); });
+  window.addEventListener("resize", () => { if (state.selectedJob) pollJob(); });
+
+  try {
+    const cfg = await (await fetch("/config")).json();
+    state.authRequired = cfg.auth_required;
+    if (cfg.auth_required) $("#keybox").classList.remove("hidden");
+    if (cfg.max_tokens) $("#max-tokens").max = cfg.max_tokens;
+    if (cfg.max_upload_bytes) $("#max-upload").textContent = Math.round(cfg.max_upload_bytes / 1048576) + " MB";
+  } catch (_) { /* an older server: carry on */ }
+  if (state.authRequired && !localStorage.getItem(KEY_STORE)) needKey("This server needs an API key.");
+  const start = (location.hash || "#write").slice(1);
+  switchView(["write", "chat", "jobs"].includes(start) ? start : "write");
+  await loadModels();
+}
+
+document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,260 @@
+"""The HTTP API in-process (FastAPI TestClient): error shapes, auth, limits, files, jobs, generation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tunesmith.generate import Completion
+from tunesmith.server.app import ServerConfig, create_app
+from tunesmith.server.models_cache import ModelCache
+from tunesmith.server.store import FILE_ID_RE, JOB_ID_RE
+
+TEXT = ("The lamplighter walked the length of the harbour wall each evening, and the gulls followed him "
+        "as if he carried bread instead of fire.\n\n") * 12
+
+
+def _error(resp, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.fixture()
+def client(tunesmith_home):
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_errors_are_openai_shaped(client):
+    err = _error(client.get("/v1/no-such-route"), 404)
+    assert err["type"] == "invalid_request_error" and "/v1/no-such-route" in err["message"]
+    err = _error(client.delete("/v1/models"), 405)
+    assert err["code"] == "method_not_allowed"
+    err = _error(client.post("/v1/completions", json={"model": "tiny-llama", "temperature": 9}), 400)
+    assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
+    err = _error(client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": [{"role": "wizard"}]}), 400)
+    assert err["param"] == "messages[0].role"
+    err = _error(client.post("/v1/completions", json={"prompt": "x"}), 400)
+    assert err["param"] == "model" and err["code"] == "missing_required_parameter"
+    err = _error(client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"}), 400)
+    assert err["code"] == "invalid_json"
+    err = _error(client.post("/v1/completions", json={"model": "tiny-llama", "max_tokens": 5000}), 400)
+    assert err["param"] == "max_tokens" and "2048" in err["message"]
+    err = _error(client.post("/v1/completions", json={"model": "no-such-model", "prompt": "x"}), 404)
+    assert err["code"] == "model_not_found"
+    err = _error(client.post("/v1/completions", json={"model": "tiny-llama", "prompt": ["a", "b"]}), 400)
+    assert err["param"] == "prompt"
+    err = _error(client.post("/v1/completions", json={"model": "tiny-llama", "stop": ["a", "b", "c", "d", "e"]}), 400)
+    assert err["param"] == "stop"
+
+
+def test_path_traversal_is_rejected(client, tunesmith_home):
+    (tunesmith_home / "secret.txt").write_text("top secret")
+    for model in ("../secret", "/etc/passwd", "..", "tiny-llama/../../x", "ft:a:b:../../x"):
+        resp = client.post("/v1/completions", json={"model": model, "prompt": "x"})
+        assert resp.status_code in (400, 404)
+        assert resp.json()["error"]["param"] == "model"
+    for path in ("/v1/files/..%2Fsecret.txt", "/v1/files/file-..%2F..%2Fsecret.txt", "/v1/files/file-abc",
+                 "/v1/files/..%2f..%2fetc%2fpasswd/content", "/v1/fine_tuning/jobs/ftjob-..%2F..",
+                 "/v1/fine_tuning/jobs/..%2Fsecret/events", "/v1/models/..%2F..%2Fsecret"):
+        resp = client.get(path)
+        assert resp.status_code in (400, 404), path
+        assert "top secret" not in resp.text and "error" in resp.json()
+    resp = client.get("/v1/files/file-../../secret.txt")  # normalised to /v1/files/secret.txt: a bad id
+    assert resp.status_code == 400 and "top secret" not in resp.text
+    err = _error(client.get("/v1/files/file-0123/content"), 400)
+    assert err["param"] == "file_id"
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": "../secret.txt"})
+    assert _error(job, 400)["param"] == "training_file"
+
+
+def test_auth_with_a_key(tunesmith_home):
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, api_key="s3cret-key"))
+    with TestClient(app) as c:
+        err = _error(c.get("/v1/models"), 401)
+        assert err["code"] == "invalid_api_key" and "API key" in err["message"]
+        assert _error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)["code"] == "invalid_api_key"
+        assert _error(c.get("/v1/models", headers={"Authorization": "s3cret-key"}), 401)
+        assert _error(c.get("/v1/no-such-route"), 401)  # unknown /v1 routes are not probe-able
+        ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret-key"})
+        assert ok.status_code == 200 and any(m["id"] == "tiny-llama" for m in ok.json()["data"])
+        page = c.get("/")  # the playground page itself is public; it asks for the key
+        assert page.status_code == 200 and 'id="api-key"' in page.text
+        assert c.get("/config").json()["auth_required"] is True
+
+
+def test_body_and_upload_limits(tunesmith_home):
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, max_body_bytes=2000,
+                                  max_upload_bytes=5000))
+    with TestClient(app) as c:
+        err = _error(c.post("/v1/completions", json={"model": "tiny-llama", "prompt": "x" * 5000}), 413)
+        assert "2,000 bytes" in err["message"]
+        big = ("word " * 3000).encode()
+        err = _error(c.post("/v1/files", files={"file": ("big.txt", big)}, data={"purpose": "fine-tune"}), 413)
+        assert "5,000" in err["message"]
+        assert not list((tunesmith_home / "files").glob("*")) if (tunesmith_home / "files").exists() else True
+        ok = c.post("/v1/files", files={"file": ("small.txt", TEXT[:3000].encode())}, data={"purpose": "fine-tune"})
+        assert ok.status_code == 200, ok.text
+
+
+def test_files_upload_list_get_content_delete(client, tunesmith_home):
+    resp = client.post("/v1/files", files={"file": ("My Book.txt", TEXT.encode())}, data={"purpose": "fine-tune"})
+    assert resp.status_code == 200, resp.text
+    f = resp.json()
+    assert FILE_ID_RE.match(f["id"]) and f["filename"] == "My Book.txt" and f["bytes"] == len(TEXT.encode())
+    assert f["object"] == "file" and f["purpose"] == "fine-tune" and f["status"] == "processed"
+    stored = tunesmith_home / "files" / f"{f['id']}.txt"
+    assert stored.read_text() == TEXT  # kept with its extension, under a generated name
+    assert [x["id"] for x in client.get("/v1/files").json()["data"]] == [f["id"]]
+    assert client.get(f"/v1/files/{f['id']}").json() == f
+    assert client.get(f"/v1/files/{f['id']}/content").text == TEXT
+    gone = client.delete(f"/v1/files/{f['id']}").json()
+    assert gone == {"id": f["id"], "object": "file", "deleted": True}
+    assert not stored.exists()
+    assert _error(client.get(f"/v1/files/{f['id']}"), 404)["param"] == "file_id"
+
+
+def test_bad_upload_names_the_line(client, tunesmith_home):
+    bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": "e" "completion": 1}\n'
+    err = _error(client.post("/v1/files", files={"file": ("data.jsonl", bad)}, data={"purpose": "fine-tune"}), 400)
+    assert "data.jsonl" in err["message"] and "line 3" in err["message"] and err["param"] == "file"
+    assert ".upload-" not in err["message"]  # our temporary name never leaks
+    err = _error(client.post("/v1/files", files={"file": ("notes", b"text")}, data={"purpose": "fine-tune"}), 400)
+    assert "extension" in err["message"]
+    err = _error(client.post("/v1/files", files={"file": ("a.txt", TEXT.encode())}, data={"purpose": "batch"}), 400)
+    assert err["param"] == "purpose"
+    assert client.get("/v1/files").json()["data"] == []
+    assert not [p for p in (tunesmith_home / "files").iterdir()]  # nothing half-stored
+
+
+def test_jobs_api_validates_queues_lists_and_cancels(client):
+    file_id = client.post("/v1/files", files={"file": ("t.txt", TEXT.encode())}, data={"purpose": "fine-tune"}).json()["id"]
+    err = _error(client.post("/v1/fine_tuning/jobs", json={"model": "gpt-4o", "training_file": file_id}), 400)
+    assert err["param"] == "model" and "tiny-llama" in err["message"]
+    err = _error(client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": "file-" + "0" * 24}), 400)
+    assert err["param"] == "training_file"
+    err = _error(client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
+                                                           "hyperparameters": {"n_epochs": 1000}}), 400)
+    assert err["param"] == "hyperparameters.n_epochs"
+    err = _error(client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
+                                                           "suffix": "../x"}), 400)
+    assert err["param"] == "suffix"
+    created = []
+    for i in range(3):
+        body = {"model": "tiny-llama", "training_file": file_id, "suffix": f"s{i}", "seed": 7,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 1}}}}
+        resp = client.post("/v1/fine_tuning/jobs", json=body)
+        assert resp.status_code == 200, resp.text
+        created.append(resp.json())
+    job = created[0]
+    assert JOB_ID_RE.match(job["id"]) and job["status"] == "queued" and job["object"] == "fine_tuning.job"
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 1.0}
+    assert job["seed"] == 7 and job["fine_tuned_model"] is None and job["training_file"] == file_id
+    page = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == [created[2]["id"], created[1]["id"]] and page["has_more"]
+    page2 = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": page["data"][-1]["id"]}).json()
+    assert [j["id"] for j in page2["data"]] == [job["id"]] and not page2["has_more"]
+    # a file a queued job needs cannot be deleted
+    assert _error(client.delete(f"/v1/files/{file_id}"), 400)["code"] == "file_in_use"
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    assert [e["message"] for e in events["data"]][0] == "Fine-tuning job cancelled before it started"
+    assert events["data"][-1]["message"].startswith("Created fine-tuning job")
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
+    assert _error(client.get("/v1/fine_tuning/jobs/ftjob-" + "a" * 24), 404)["code"] == "job_not_found"
+
+
+class SlowModel:
+    """Stands in for a loaded model: each generation holds its slot for a while."""
+
+    context_length = 2048
+    tokenizer = None
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def generate(self, prompt, *, n=1, logprobs=None, **kw):
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+        return [Completion(text=" ok", finish_reason="length", prompt_tokens=1, completion_tokens=1)] * n
+
+
+def test_over_capacity_requests_get_429(tunesmith_home):
+    model = SlowModel(0.6)
+    cache = ModelCache(loader=lambda source: model, sizer=lambda m: 1)
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, max_running=1, max_waiting=1,
+                                  model_cache=cache))
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 1}
+            return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(5)])
+
+    responses = asyncio.run(main())
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200, 200, 429, 429, 429], codes
+    err = _error(next(r for r in responses if r.status_code == 429), 429)
+    assert err["code"] == "rate_limit_exceeded" and "busy" in err["message"]
+    assert model.peak == 1  # never more than max_running at once
+    assert cache.loads == 1
+
+
+def test_real_generation_with_tiny_llama(client):
+    app = client.app
+    body = {"model": "tiny-llama", "prompt": "The harbour at night", "max_tokens": 4, "temperature": 0, "seed": 1}
+    first = client.post("/v1/completions", json=body)
+    assert first.status_code == 200, first.text
+    data = first.json()
+    assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
+    choice = data["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
+    assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["completion_tokens"] <= 4
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    again = client.post("/v1/completions", json={**body, "echo": True, "logprobs": 2}).json()
+    assert again["choices"][0]["text"] == body["prompt"] + choice["text"]  # greedy: same text, echoed
+    lp = again["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert lp["text_offset"][0] == len(body["prompt"]) and all(len(t) <= 2 for t in lp["top_logprobs"])
+    assert app.state.cache.loads == 1  # the second request reused the loaded model
+    two = client.post("/v1/completions", json={**body, "n": 2, "temperature": 1.0}).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    # streaming chat: role first, then content deltas, a finish reason, usage, and [DONE]
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
+            "stream": True, "stream_options": {"include_usage": True}, "seed": 3}
+    with client.stream("POST", "/v1/chat/completions", json=chat) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(resp.iter_text())
+    blocks = [b for b in raw.split("\n\n") if b]
+    assert all(b.startswith("data: ") for b in blocks) and blocks[-1] == "data: [DONE]"
+    chunks = [json.loads(b[6:]) for b in blocks[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert app.state.queue.admitted == 0  # every slot was given back
+    models = client.get("/v1/models").json()["data"]
+    assert {"tiny-llama", "smollm2-135m"} <= {m["id"] for m in models}
+    assert all(re.match(r"^[\w.:+-]+$", m["id"]) for m in models)
