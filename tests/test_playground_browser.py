@@ -4,7 +4,6 @@ the API-key field, and a narrow (phone) layout. Screenshots go to test-artifacts
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 

@@ -258,3 +258,39 @@ def test_real_generation_with_tiny_llama(client):
     models = client.get("/v1/models").json()["data"]
     assert {"tiny-llama", "smollm2-135m"} <= {m["id"] for m in models}
     assert all(re.match(r"^[\w.:+-]+$", m["id"]) for m in models)
+
+
+def test_dns_rebinding_and_cross_origin_requests_are_refused(tunesmith_home):
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False,
+                                  allowed_hosts=("127.0.0.1", "localhost", "::1")))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/v1/models").status_code == 200
+        assert c.get("/v1/models", headers={"host": "localhost:8000"}).status_code == 200
+        assert c.get("/v1/models", headers={"host": "[::1]:8000"}).status_code == 200
+        err = _error(c.get("/v1/models", headers={"host": "evil.example:8000"}), 403)
+        assert err["code"] == "forbidden_host"
+        assert _error(c.get("/", headers={"host": "evil.example"}), 403)["code"] == "forbidden_host"
+        same = c.post("/v1/completions", json={"model": "nope", "prompt": "x"},
+                      headers={"origin": "http://127.0.0.1:8000"})
+        assert same.status_code == 404  # same origin: reaches the API
+        err = _error(c.post("/v1/files", files={"file": ("a.txt", TEXT.encode())}, data={"purpose": "fine-tune"},
+                            headers={"origin": "http://evil.example"}), 403)
+        assert err["code"] == "cross_origin"
+        assert _error(c.get("/v1/models", headers={"origin": "null"}), 403)["code"] == "cross_origin"
+        assert not (tunesmith_home / "files").exists() or not list((tunesmith_home / "files").iterdir())
+
+
+def test_finished_run_directories_are_listed_as_models(client, tunesmith_home):
+    run = tunesmith_home / "runs" / "my-sonnets"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"tunesmith_run": 1, "base": "tiny-llama"}))
+    (run / "status.json").write_text(json.dumps({"status": "succeeded"}))
+    unfinished = tunesmith_home / "runs" / "half-done"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(json.dumps({"tunesmith_run": 1, "base": "tiny-llama"}))
+    (unfinished / "status.json").write_text(json.dumps({"status": "interrupted"}))
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["my-sonnets"]["owned_by"] == "user" and "half-done" not in models
+    assert models["tiny-llama"]["owned_by"] == "tunesmith"
+    assert client.get("/v1/models/my-sonnets").json()["id"] == "my-sonnets"
+    assert _error(client.get("/v1/models/half-done"), 404)["code"] == "model_not_found"

@@ -210,3 +210,26 @@ def test_jobs_cli_lists_shows_cancels_and_follows(store: Store):
     assert followed.exit_code == 1 and "cancelled" in followed.output
     missing = runner.invoke(jobs_app, ["show", "ftjob-" + "0" * 24])
     assert missing.exit_code != 0 and re.search(r"no fine-tuning job", str(missing.exception) + missing.output)
+
+
+def test_a_dead_or_broken_worker_never_leaves_jobs_hanging(store: Store):
+    from tunesmith.server.app import ServerConfig, Supervisor
+
+    sup = Supervisor(store, ServerConfig(home=store.root, start_worker=False))
+    running = _job(store)
+    store.claim_next_job(pid=31337)
+    sup._worker_exited(31337, -9)  # e.g. killed for memory while training
+    job = store.get_job(running["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_died"
+    assert "killed by signal 9" in job["error"]["message"] and "out of memory?" in job["error"]["message"]
+    # a worker that crashes before claiming anything, three times in a row: the queue head fails with the log's last line
+    queued = _job(store)
+    store.logs_dir.mkdir(parents=True, exist_ok=True)
+    (store.logs_dir / "worker.log").write_text("Traceback ...\nImportError: no module named torch\n")
+    sup._worker_exited(1, 1)
+    sup._worker_exited(2, 1)
+    assert store.get_job(queued["id"])["status"] == "queued"
+    sup._worker_exited(3, 1)
+    job = store.get_job(queued["id"])
+    assert job["status"] == "failed" and "could not start" in job["error"]["message"]
+    assert "ImportError: no module named torch" in job["error"]["message"]

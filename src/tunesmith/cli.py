@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +22,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Base models available on this machine.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+# Deprecation notices from the libraries are for us, not for the user.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
 out = Console()
 err = Console(stderr=True)
 

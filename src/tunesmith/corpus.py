@@ -94,6 +94,10 @@ def validate_file(path: str | Path) -> Corpus:
     return read_records(path)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 # --- bytes to text ------------------------------------------------------------------------
 
 
@@ -127,11 +131,11 @@ def _normalise_newlines(text: str, fixes: list[str]) -> str:
     crlf = text.count("\r\n")
     if crlf:
         text = text.replace("\r\n", "\n")
-        fixes.append(f"normalised {crlf:,} CRLF line endings")
+        fixes.append(f"normalised {_count(crlf, 'CRLF line ending')}")
     cr = text.count("\r")
     if cr:
         text = text.replace("\r", "\n")
-        fixes.append(f"converted {cr:,} CR line endings")
+        fixes.append(f"converted {_count(cr, 'CR line ending')}")
     return text
 
 
@@ -149,7 +153,7 @@ _PG_PRODUCER = re.compile(
     r"|transcriber'?s? note)",
     re.IGNORECASE,
 )
-_SPACES = re.compile(r"[ \t\f\v\u00a0]{2,}")
+_SPACES = re.compile(r"[ \t\u00a0]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # A line ending in a letter and one hyphen (not a "--" dash), followed by a line starting in lower case.
 _HYPHEN_END = re.compile(r"([A-Za-z]+)-$")
@@ -185,9 +189,11 @@ def _read_book(text: str, path: Path, fixes: list[str]) -> Corpus:
     for block in blocks:
         records.append({"text": _flow(block, width, verse_like, vocabulary, stats), "line": block[0][0]})
     if stats["lines"]:
-        fixes.append(f"re-flowed {stats['lines']:,} hard-wrapped lines into {stats['paragraphs']:,} paragraphs")
+        fixes.append(
+            f"re-flowed {_count(stats['lines'], 'hard-wrapped line')} into {_count(stats['paragraphs'], 'paragraph')}"
+        )
     if stats["hyphens"]:
-        fixes.append(f"joined {stats['hyphens']:,} words hyphenated across line breaks")
+        fixes.append(f"joined {_count(stats['hyphens'], 'word')} hyphenated across line breaks")
     return Corpus(format="book", records=records, fixes=fixes)
 
 
@@ -204,18 +210,20 @@ def _strip_gutenberg(lines: list[str], fixes: list[str]) -> tuple[int, int]:
         if first < len(lines) and _PG_PRODUCER.match(lines[first]):
             while first < len(lines) and lines[first].strip():
                 first += 1
+            while first < len(lines) and not lines[first].strip():
+                first += 1
     end = next((i for i in range(first, len(lines)) if _PG_END.match(lines[i])), None)
     if end is not None:
         last = end
     header, footer = first, len(lines) - last
     if start is not None and end is not None:
         fixes.append(
-            f"removed Project Gutenberg header ({header:,} lines) and licence footer ({footer:,} lines)"
+            f"removed Project Gutenberg header ({_count(header, 'line')}) and licence footer ({_count(footer, 'line')})"
         )
     elif start is not None:
-        fixes.append(f"removed Project Gutenberg header ({header:,} lines)")
+        fixes.append(f"removed Project Gutenberg header ({_count(header, 'line')})")
     elif end is not None:
-        fixes.append(f"removed Project Gutenberg licence footer ({footer:,} lines)")
+        fixes.append(f"removed Project Gutenberg licence footer ({_count(footer, 'line')})")
     return first, last
 
 
@@ -235,11 +243,11 @@ def _tidy_lines(body: list[tuple[int, str]], fixes: list[str]) -> list[tuple[int
             runs += 1
         out.append((number, collapsed))
     if trailing:
-        fixes.append(f"removed trailing whitespace from {trailing:,} lines")
+        fixes.append(f"removed trailing whitespace from {_count(trailing, 'line')}")
     if runs:
-        fixes.append(f"collapsed runs of spaces in {runs:,} lines")
+        fixes.append(f"collapsed runs of spaces in {_count(runs, 'line')}")
     if controls:
-        fixes.append(f"removed control characters from {controls:,} lines")
+        fixes.append(f"removed control characters from {_count(controls, 'line')}")
     return out
 
 

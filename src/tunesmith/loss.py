@@ -19,16 +19,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         w = weight.to(compute_dtype)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss_sum = torch.zeros((), dtype=torch.promote_types(compute_dtype, torch.float32), device=hidden.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h = hidden[start : start + CHUNK_ROWS].to(compute_dtype)
             t = targets[start : start + CHUNK_ROWS]
             valid = t >= 0
             safe_t = t.clamp(min=0)
-            logits = (h @ w.T).float()
+            logits = h @ w.T
+            if logits.dtype in (torch.bfloat16, torch.float16):
+                logits = logits.float()  # softmax and log-sum-exp in fp32
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
             loss_sum += ((lse - target_logit) * valid).sum()
@@ -42,8 +45,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + CHUNK_ROWS] = (grad @ w).to(hidden.dtype)
                 if need_w:
-                    grad_w += (grad.T @ h).float()
+                    grad_w += (grad.T @ h).to(acc)
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
@@ -51,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_correct):
         grad_h, grad_w = ctx.saved_tensors
         out_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        out_w = grad_w * grad_loss if grad_w is not None else None
+        out_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return out_h, out_w, None, None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,10 @@ from pathlib import Path
 from .atomic import atomic_dir
 from .errors import TunesmithError
 from .home import models_dir
+
+# tunesmith never downloads: make the Hugging Face libraries fail fast instead of reaching out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_BASE = "smollm2-135m"
 CACHE_MARKER = "tunesmith-source.json"
@@ -102,7 +105,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 
     if (target / CACHE_MARKER).exists():
         return target
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -183,6 +186,14 @@ def _from_hf_cache(repo_id: str) -> Path:
         ) from None
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or advice in tunesmith's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
@@ -197,6 +208,7 @@ def load_base(name_or_path: str | os.PathLike, *, dtype=None, device: str | None
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     path = resolve(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
     if device:

@@ -306,16 +306,18 @@ class _Counter:
 
     def cut(self, text: str, limit: int, keep: str = "start") -> str:
         """The first (or last) ``limit`` tokens' worth of ``text``, at token boundaries."""
+        if limit <= 0:
+            return ""
         while True:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            offsets = enc["offset_mapping"]
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             if len(offsets) <= limit:
                 return text
             if keep == "start":
-                text = text[: offsets[limit - 1][1]] if limit > 0 else ""
+                cut = text[: offsets[limit - 1][1]]
             else:
-                text = text[offsets[len(offsets) - limit][0] :] if limit > 0 else ""
-            limit -= 1  # re-tokenizing a cut can merge differently; shrink until it fits
+                cut = text[offsets[len(offsets) - limit][0] :]
+            # re-tokenizing a cut can merge differently: loop until it fits, always shrinking
+            text = cut if len(cut) < len(text) else (text[:-1] if keep == "start" else text[1:])
 
 
 # Sentence ends: terminal punctuation, optional closing quotes or brackets, then whitespace.
@@ -369,23 +371,37 @@ class _Unit:
 
 
 def _units(paragraphs: list[str], counter: _Counter, stats: dict[str, int]) -> list[_Unit]:
-    """Paragraphs that fit a block; longer ones split into sentences, and over-long sentences into words."""
+    """Paragraphs that fit a block; longer ones split into sentences, and over-long sentences into words.
+
+    A paragraph that does not end a sentence ("It ran in this way:") is also cut into sentences,
+    so that only its unfinished tail has to move on to the next example.
+    """
     budget = counter.budget
     units = []
     for text, count in zip(paragraphs, counter.many(paragraphs)):
         if count <= budget:
-            units.append(_Unit(text, count, "\n\n"))
+            unit = _Unit(text, count, "\n\n")
+            units.extend([unit] if ends_sentence(text) else _sentence_units(unit, counter, stats))
             continue
         stats["split"] += 1
-        sentences = split_sentences(text)
-        for i, ((space, sentence), n) in enumerate(zip(sentences, counter.many([s for _, s in sentences]))):
-            joiner = "\n\n" if i == 0 else space
-            if n <= budget:
-                units.append(_Unit(sentence, n, joiner))
-                continue
-            stats["word_split"] += 1
-            for j, piece in enumerate(_split_words(sentence, counter)):
-                units.append(_Unit(piece, counter.one(piece), joiner if j == 0 else " "))
+        units.extend(_sentence_units(_Unit(text, count, "\n\n"), counter, stats))
+    return units
+
+
+def _sentence_units(unit: _Unit, counter: _Counter, stats: dict[str, int]) -> list[_Unit]:
+    """A paragraph unit as one unit per sentence (the first keeps the paragraph's joiner)."""
+    sentences = split_sentences(unit.text)
+    if len(sentences) <= 1 and unit.tokens <= counter.budget:
+        return [unit]
+    units = []
+    for i, ((space, sentence), n) in enumerate(zip(sentences, counter.many([s for _, s in sentences]))):
+        joiner = unit.joiner if i == 0 else space
+        if n <= counter.budget:
+            units.append(_Unit(sentence, n, joiner))
+            continue
+        stats["word_split"] += 1
+        for j, piece in enumerate(_split_words(sentence, counter)):
+            units.append(_Unit(piece, counter.one(piece), joiner if j == 0 else " "))
     return units
 
 
@@ -432,8 +448,9 @@ def _join(units: list[_Unit]) -> str:
 def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
     """Greedily pack units into examples of at most ``budget`` tokens that end on sentence ends.
 
-    When an example is full, trailing units that do not end a sentence (a heading, a line of
-    a list) move on to start the next example, where they belong.
+    When an example is full, trailing units that do not end a sentence (a heading, "He wrote:")
+    move on to start the next example, where they belong; if the next paragraph is too big to
+    share an example with them, it is taken sentence by sentence.
     """
     budget = counter.budget
 
@@ -447,15 +464,24 @@ def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
 
     examples: list[str] = []
     current: list[_Unit] = []
-    for unit in units:
+    pending = list(reversed(units))
+    unused: dict[str, int] = {"split": 0, "word_split": 0}
+    while pending:
+        unit = pending.pop()
         if current and not fits(current + [unit]):
             cut = len(current)
             while cut > 0 and not ends_sentence(current[cut - 1].text):
                 cut -= 1
-            if cut == 0:
+            carry = current[cut:] if 0 < cut < len(current) else []
+            if carry and not fits(carry + [unit]):
+                pieces = _sentence_units(unit, counter, unused)
+                if len(pieces) > 1:
+                    pending.extend(reversed(pieces))
+                    continue
+            if not carry:
                 cut = len(current)
             examples.append(_join(current[:cut]))
-            current = current[cut:]
+            current = carry
             if current and not fits(current + [unit]):
                 examples.append(_join(current))
                 current = []

@@ -12,12 +12,12 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Literal, Union
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,12 +35,12 @@ from .models_cache import ModelCache
 from .store import (
     FILE_ID_RE,
     JOB_ID_RE,
-    TERMINAL,
     Store,
     checkpoint_object,
     file_object,
     job_object,
     new_id,
+    restart_hint,
 )
 
 PLAYGROUND_DIR = Path(__file__).parent / "playground"
@@ -64,6 +64,9 @@ class ServerConfig:
     worker_idle_exit: float = 3.0
     supervise_interval: float = 1.0
     model_cache: ModelCache | None = None  # tests inject one with a fake loader
+    # Host names requests may be addressed to (DNS-rebinding guard); None: any. `serve` sets the
+    # loopback names when it listens on a loopback address.
+    allowed_hosts: tuple[str, ...] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -180,6 +183,16 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         path: str = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        if self.config.allowed_hosts is not None and _hostname(host) not in self.config.allowed_hosts:
+            return await _send_json(send, 403, _error_bytes(
+                f"requests addressed to host '{_hostname(host)[:100]}' are not accepted: this server listens on "
+                "a loopback address", "invalid_request_error", None, "forbidden_host"))
+        origin = headers.get("origin")
+        if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host.lower()):
+            # Browsers send Origin on cross-site requests: another web page must not drive this API.
+            return await _send_json(send, 403, _error_bytes(
+                "cross-origin requests are not accepted", "invalid_request_error", None, "cross_origin"))
         if self.config.api_key and (path == "/v1" or path.startswith("/v1/")):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
@@ -221,6 +234,17 @@ class GuardMiddleware:
             await send(message)
 
         return await self.app(scope, limited_receive, guarded_send)
+
+
+def _hostname(host: str) -> str:
+    """``example.com:8000`` -> ``example.com``; ``[::1]:8000`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 async def _send_json(send, status: int, body: bytes, extra: list | None = None) -> None:
@@ -310,6 +334,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._failed_starts = 0
 
     def start(self) -> None:
         self.store.reap_stale_jobs()
@@ -332,8 +357,12 @@ class Supervisor:
         with self._lock:
             if self._stop.is_set():
                 return
-            if self.proc is not None and self.proc.poll() is None:
-                return
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    return
+                pid, rc = self.proc.pid, self.proc.returncode
+                self.proc = None
+                self._worker_exited(pid, rc)
             if self.store.count_jobs("queued") == 0:
                 if self.store.count_jobs("running"):
                     self.store.reap_stale_jobs()  # a worker (ours or another server's) died mid-job
@@ -346,6 +375,36 @@ class Supervisor:
             finally:
                 lock.close()
             self.proc = self._spawn()
+
+    def _worker_exited(self, pid: int, rc: int) -> None:
+        """A worker that dies (killed for memory, crashed) must not leave its job 'running', and one
+        that cannot even start must not leave the queue waiting forever."""
+        if rc == 0:
+            self._failed_starts = 0
+            return
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        orphans = [j for j in self.store.jobs_with_status("running") if j["worker_pid"] == pid]
+        for job in orphans:
+            message = (f"the training worker (pid {pid}) {how} while this job was running"
+                       + (" (out of memory?)" if rc == -9 else "")
+                       + f"; see {self.store.logs_dir / 'worker.log'}; restart it with {restart_hint(job['id'])}")
+            self.store.finish_job(job["id"], "failed", error={"code": "worker_died", "message": message, "param": None})
+            self.store.add_event(job["id"], message, level="error")
+        if orphans:
+            self._failed_starts = 0
+            return
+        self._failed_starts += 1
+        if self._failed_starts >= 3:
+            self._failed_starts = 0
+            queued = self.store.jobs_with_status("queued")
+            if queued:
+                job = queued[0]
+                tail = _log_tail(self.store.logs_dir / "worker.log")
+                message = (f"the training worker could not start ({how}, 3 times)"
+                           + (f": {tail}" if tail else "") + f"; see {self.store.logs_dir / 'worker.log'}")
+                self.store.finish_job(job["id"], "failed", error={"code": "worker_failed", "message": message,
+                                                                  "param": None})
+                self.store.add_event(job["id"], message, level="error")
 
     def _spawn(self) -> subprocess.Popen:
         self.store.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -379,6 +438,14 @@ class Supervisor:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _log_tail(path: Path, lines: int = 1) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])[:500]
 
 
 def _now() -> int:
@@ -857,7 +924,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         try:
             await ticket.acquire()
             model = await get_model(req.model)
-            prompt = await _run(model.chat_prompt, messages)
+            try:
+                prompt = await _run(model.chat_prompt, messages)
+            except TunesmithError:
+                raise
+            except Exception as exc:
+                raise APIError(400, f"the model's chat template rejected these messages: {exc}",
+                               param="messages") from None
             prompt_tokens = await _run(model.count_tokens, prompt)
             max_tokens = _fit_context(model, max(prompt_tokens, 1), max_tokens, explicit is not None)
             kwargs = _sampling(req, max_tokens, stop)

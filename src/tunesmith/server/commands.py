@@ -6,6 +6,7 @@ Nothing heavy is imported at module level: the main CLI imports this on every in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import sys
@@ -56,6 +57,13 @@ def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
         raise typer.Exit(2)
 
 
+def _loopback_names(host: str) -> tuple[str, ...]:
+    """Host names a browser may use to reach a loopback server (anything else is DNS rebinding)."""
+    from .app import LOOPBACK_HOSTS
+
+    return tuple(sorted({*LOOPBACK_HOSTS, host.strip().strip("[]").lower()}))
+
+
 def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Non-loopback needs --api-key."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
@@ -92,6 +100,7 @@ def serve_command(
     config = ServerConfig(
         home=home(), api_key=api_key or None, max_running=max_running, max_waiting=max_waiting,
         cache_bytes=cache_bytes, max_tokens_cap=max_tokens, start_worker=not no_worker,
+        allowed_hosts=_loopback_names(host) if is_loopback(host) else None,
     )
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host
@@ -105,6 +114,20 @@ def serve_command(
 
 jobs_app = typer.Typer(help="Fine-tuning jobs of `tunesmith serve` (reads its database; no server needed).",
                        no_args_is_help=True)
+
+
+def _friendly(fn):
+    """Print a TunesmithError as one message and exit with its code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TunesmithError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code)
+
+    return wrapper
 
 
 def _store():
@@ -199,18 +222,21 @@ def follow_job(store, job_id: str, *, poll: float = 1.0, echo=print, timeout: fl
 
 
 @jobs_app.command("list")
+@_friendly
 def jobs_list(limit: int = typer.Option(50, "--limit", "-n", min=1, help="How many, newest first.")) -> None:
     """List fine-tuning jobs, newest first."""
     typer.echo(list_jobs_text(_store(), limit))
 
 
 @jobs_app.command("show")
+@_friendly
 def jobs_show(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Show one job: settings, status, model id and its latest events."""
     typer.echo(show_job_text(_store(), job_id))
 
 
 @jobs_app.command("follow")
+@_friendly
 def jobs_follow(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Print a job's events live until it succeeds, fails or is cancelled (exit 1 unless it succeeded)."""
     store = _store()
@@ -227,6 +253,7 @@ def jobs_follow(job_id: str = typer.Argument(..., help="Job id (or a unique pref
 
 
 @jobs_app.command("cancel")
+@_friendly
 def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Cancel a queued job, or stop a running one after its current step (a checkpoint is kept)."""
     store = _store()
@@ -241,6 +268,7 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique pref
 
 
 @jobs_app.command("retry")
+@_friendly
 def jobs_retry(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Queue a failed or cancelled job again (it trains from the start when `tunesmith serve` runs)."""
     store = _store()

@@ -237,6 +237,11 @@ class Store:
             rows = db.execute("SELECT * FROM jobs WHERE status='succeeded' ORDER BY seq").fetchall()
         return [_job_row(r) for r in rows]
 
+    def jobs_with_status(self, status: str) -> list[dict]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status=? ORDER BY queued_at, seq", (status,)).fetchall()
+        return [_job_row(r) for r in rows]
+
     def count_jobs(self, status: str) -> int:
         with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM jobs WHERE status=?", (status,)).fetchone()[0]

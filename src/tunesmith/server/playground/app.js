@@ -322,7 +322,7 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 function fmtTime(ts) {
   if (!ts) return "";
   const d = new Date(ts * 1000);
-  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
 }
 
 function badge(el, status) {
@@ -436,6 +436,14 @@ async function pollJob() {
   }
 }
 
+// 1, 2, 5, 10, 20, 50, ... : the smallest "round" integer at least `raw`.
+function niceStep(raw) {
+  if (raw <= 1) return 1;
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const m of [1, 2, 5, 10]) if (m * mag >= raw) return m * mag;
+  return 10 * mag;
+}
+
 function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
@@ -460,7 +468,7 @@ function drawChart(canvas, train, valid, totalSteps) {
     ctx.fillText("The loss curve appears when training starts.", w / 2, h / 2);
     return;
   }
-  const pad = { l: 48, r: 16, t: 14, b: 30 };
+  const pad = { l: 48, r: 16, t: 28, b: 42 };
   const xmax = Math.max(totalSteps || 0, ...pts.map((p) => p[0]), 1);
   let ymin = Math.min(...pts.map((p) => p[1]));
   let ymax = Math.max(...pts.map((p) => p[1]));
@@ -475,20 +483,20 @@ function drawChart(canvas, train, valid, totalSteps) {
   ctx.lineWidth = 1;
   ctx.textAlign = "right";
   ctx.textBaseline = "middle";
+  const digits = ymax - ymin < 0.1 ? 3 : ymax - ymin < 10 ? 2 : 1;
   for (let i = 0; i <= 4; i++) {
     const v = ymin + ((ymax - ymin) * i) / 4;
     const y = Y(v);
     ctx.beginPath(); ctx.moveTo(pad.l, y); ctx.lineTo(w - pad.r, y); ctx.stroke();
-    ctx.fillText(v.toFixed(2), pad.l - 6, y);
+    ctx.fillText(v.toFixed(digits), pad.l - 6, y);
   }
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
-  for (let i = 0; i <= 4; i++) {
-    const s = Math.round((xmax * i) / 4);
-    ctx.fillText(String(s), X(s), h - pad.b + 8);
-  }
+  const stepTick = niceStep(xmax / 5);
+  for (let s = 0; s <= xmax + 1e-9; s += stepTick) ctx.fillText(String(s), X(s), h - pad.b + 6);
+  ctx.fillText("step", pad.l + (w - pad.l - pad.r) / 2, h - 16);
   ctx.textAlign = "left";
-  ctx.fillText("step", pad.l, h - 14 > h - pad.b + 8 ? h - 14 : h - pad.b + 8);
+  ctx.fillText("loss", 6, 4);
   const line = (series, color, dots) => {
     if (!series.length) return;
     ctx.strokeStyle = color;

@@ -1,0 +1,153 @@
+"""Training on the tiny random Llama: the run directory, learning, stopping, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tunesmith import TunesmithError, finetune, load
+from tunesmith.rundir import Run, is_run_dir
+from tunesmith.train import TrainConfig, build_model, make_optimizer, train_step
+from tunesmith.tokens import Blocks
+
+TEXT = "".join(
+    f"The lamp burned low in study number {i}. Holmes leaned back and closed his eyes for {i} minutes. "
+    f"\"You have come {i} miles,\" he said at last. The visitor nodded and said nothing.\n\n"
+    for i in range(24)
+)
+
+TINY = dict(base="tiny-llama", block_size=64, batch_size=2, epochs=2, sample_tokens=8)
+
+
+@pytest.fixture()
+def book(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_run_directory_has_everything(book, tmp_path, tiny_model_dir):
+    events = []
+    run = finetune(book, out=tmp_path / "run", progress=False, on_event=events.append, **TINY)
+    assert run.status == "succeeded" and is_run_dir(run.path)
+    names = {p.name for p in run.path.iterdir()}
+    assert {"config.json", "metrics.jsonl", "loss.png", "samples.md", "README.md", "adapter", "tokenizer", "data"} <= names
+    config = run.config
+    assert config["base"] == "tiny-llama" and config["epochs"] == 2 and config["seed"] == 0
+    assert config["versions"]["torch"] == torch.__version__
+    rows = run.metrics()
+    train_rows = [r for r in rows if "training_loss" in r]
+    valid_rows = [r for r in rows if "validation_loss" in r]
+    for column in ("step", "elapsed_tokens", "training_loss", "training_token_accuracy"):
+        assert all(column in r for r in train_rows)
+    assert [r["step"] for r in train_rows] == list(range(1, len(train_rows) + 1))
+    assert len(valid_rows) == 3  # before training and after each of 2 epochs
+    assert (run.path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (run.path / "samples.md").read_text()
+    assert "Epoch 1" in samples and "Epoch 2" in samples
+    assert {e["type"] for e in events} >= {"info", "metrics", "validation", "checkpoint", "done"}
+    assert run.checkpoints(), "each epoch leaves a checkpoint"
+    state = torch.load(run.checkpoints()[-1]["path"] + "/trainer_state.pt", weights_only=False)
+    assert {"optimizer", "scheduler", "rng", "epoch", "batch_in_epoch"} <= set(state)
+
+
+def test_same_seed_same_run(book, tmp_path, tiny_model_dir):
+    a = finetune(book, out=tmp_path / "a", progress=False, samples=False, **TINY)
+    b = finetune(book, out=tmp_path / "b", progress=False, samples=False, **TINY)
+    losses = lambda run: [r["training_loss"] for r in run.metrics() if "training_loss" in r]  # noqa: E731
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+
+
+def test_loss_goes_down_on_a_repeated_batch(tiny_model_dir):
+    cfg = TrainConfig(base="tiny-llama", block_size=32, batch_size=2, lr=3e-3, dtype="fp32")
+    model, tok, device, compute = build_model(cfg)
+    ids = np.random.default_rng(0).integers(0, 500, size=(2, 33))
+    blocks = Blocks(ids=ids, mask=np.ones_like(ids, dtype=bool))
+    opt, sched = make_optimizer(model, cfg, 30)
+    losses = [train_step(model, opt, sched, blocks, np.arange(2), cfg, device, compute)["loss"] for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_bf16_and_fp32_losses_agree(tiny_model_dir):
+    ids = np.random.default_rng(1).integers(0, 500, size=(2, 33))
+    blocks = Blocks(ids=ids, mask=np.ones_like(ids, dtype=bool))
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        cfg = TrainConfig(base="tiny-llama", block_size=32, batch_size=2, dtype=dtype)
+        model, tok, device, compute = build_model(cfg)
+        opt, sched = make_optimizer(model, cfg, 10)
+        out[dtype] = [train_step(model, opt, sched, blocks, np.arange(2), cfg, device, compute)["loss"] for _ in range(3)]
+    assert out["bf16"] == pytest.approx(out["fp32"], rel=0.02)
+
+
+def test_micro_batches_do_not_change_the_step(tiny_model_dir):
+    ids = np.random.default_rng(2).integers(0, 500, size=(4, 17))
+    blocks = Blocks(ids=ids, mask=np.ones_like(ids, dtype=bool))
+    result = {}
+    for micro in (1, 4):
+        torch.manual_seed(0)
+        cfg = TrainConfig(base="tiny-llama", block_size=16, batch_size=4, micro_batch_size=micro, dtype="fp32")
+        model, tok, device, compute = build_model(cfg)
+        opt, sched = make_optimizer(model, cfg, 10)
+        result[micro] = [train_step(model, opt, sched, blocks, np.arange(4), cfg, device, compute)["loss"] for _ in range(2)]
+    assert result[1] == pytest.approx(result[4], rel=1e-4)
+
+
+def test_should_stop_cancels_cleanly_with_usable_weights(book, tmp_path, tiny_model_dir):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    run = finetune(book, out=tmp_path / "run", progress=False, should_stop=stop, **TINY)
+    assert run.status == "cancelled"
+    assert max(r["step"] for r in run.metrics()) == 3
+    assert run.has_weights()
+    text = load(run.path).generate("The lamp", max_tokens=5, seed=0)[0].text
+    assert isinstance(text, str)
+
+
+def test_keyboard_interrupt_keeps_last_checkpoint(book, tmp_path, tiny_model_dir):
+    def boom(event):
+        if event["type"] == "metrics" and event["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(book, out=tmp_path / "run", progress=False, on_event=boom, **TINY)
+    run = Run(tmp_path / "run")
+    assert run.status == "interrupted"
+    assert run.has_weights() and run.checkpoints()
+    assert load(run.path).generate("The lamp", max_tokens=3, seed=0)
+
+
+def test_existing_run_dir_is_refused(book, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(TunesmithError, match="already exists"):
+        finetune(book, out=out, progress=False, **TINY)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [({"base": "no-such-model"}, None), ({"epochs": 0}, "epochs"), ({"method": "qlora"}, "method"), ({"lr": 5.0}, "lr")],
+)
+def test_bad_options_write_nothing(book, tmp_path, tiny_model_dir, options, field):
+    with pytest.raises(TunesmithError) as info:
+        finetune(book, out=tmp_path / "run", progress=False, **{**TINY, **options})
+    if field:
+        assert info.value.field == field
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_full_fine_tune_writes_full_weights(book, tmp_path, tiny_model_dir):
+    run = finetune(book, out=tmp_path / "run", progress=False, samples=False, method="full", **{**TINY, "epochs": 1})
+    assert (run.path / "model" / "config.json").exists()
+    assert load(run.path).generate("The", max_tokens=3, seed=0)
