@@ -129,8 +129,13 @@ def prepare(
         "task": _task(corpus.format, rows),
         "checks": checks,
         "fixes": list(corpus.fixes),
-        "estimate": _estimate(base, train_tokens, block_size) if estimate else None,
+        "estimate": None,
     }
+    if estimate:
+        try:
+            report["estimate"] = _estimate(base, train_tokens, block_size)
+        except TunesmithError as exc:  # e.g. the base model is not installed: prepare anyway
+            checks.append(_check("estimate", "warning", f"no training-time estimate: {exc.message}"))
     _write(out_dir, overwrite, train, valid, report)
     return Prepared(dir=out_dir, report=report, train=train, valid=valid)
 
@@ -326,7 +331,7 @@ _FINAL = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]*_]*$")
 _LAST_WORD = re.compile(r"([\w.]+)$")
 _ABBREVIATIONS = {
     "mr", "mrs", "ms", "dr", "st", "prof", "rev", "col", "gen", "capt", "lt", "sgt", "jr", "sr", "vs", "etc",
-    "e.g", "i.e", "no", "mt", "messrs", "hon", "esq", "fig", "vol", "ch", "p", "pp", "cf", "viz",
+    "no", "mt", "messrs", "hon", "esq", "fig", "vol", "ch", "p", "pp", "cf", "viz",
 }
 
 
@@ -340,7 +345,7 @@ def split_sentences(text: str) -> list[tuple[str, str]]:
 
     A regular expression, because no NLP sentence model may be downloaded: a sentence ends at
     . ! ? or an ellipsis (plus closing quotes) before a capital, digit or opening quote, except
-    after a common abbreviation ("Mr.") or an initial ("J.").
+    after a common abbreviation ("Mr.", "p.m.") or an initial ("J.").
     """
     pieces: list[tuple[str, str]] = []
     start, before = 0, ""
@@ -351,7 +356,7 @@ def split_sentences(text: str) -> list[tuple[str, str]]:
         word = _LAST_WORD.search(text, start, match.start())
         if text[match.start()] == "." and word:
             last = word.group(1).lower()
-            if last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()):
+            if last in _ABBREVIATIONS or "." in last or (len(last) == 1 and last.isalpha()):
                 continue
         pieces.append((before, text[start : match.start(1)]))
         before = "\n" if "\n" in match.group(1) else " "
