@@ -175,7 +175,8 @@ def test_verse_is_kept(tmp_path: Path) -> None:
 
 
 def test_only_boilerplate_is_an_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "b.txt", "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n")
+    markers = "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n"
+    path = write(tmp_path, "b.txt", markers)
     with pytest.raises(TunesmithError, match="no text is left"):
         read_records(path)
 

@@ -104,7 +104,7 @@ def test_sherlock_report_and_files(sherlock: Prepared) -> None:
     assert loaded.train == sherlock.train and loaded.valid == sherlock.valid and loaded.report == report
     text = format_report(report)
     assert f"{report['examples']['train']:,} train" in text and "removed UTF-8 BOM" in text
-    assert str(sherlock.dir.resolve()) in text
+    assert "ok       task: open-ended generation" in text
 
 
 def test_fraction_keeps_the_first_half(sherlock: Prepared, tokenizer, corpora: Path, tmp_path: Path) -> None:
@@ -259,8 +259,10 @@ def test_chat_must_end_with_the_assistant(tokenizer, tmp_path: Path) -> None:
 
 
 def test_prompt_completion_checks_recommend(tokenizer, tmp_path: Path) -> None:
-    rows = [{"prompt": f"Review {i}: it was {'good' if i % 2 else 'bad'}", "completion": "positive" if i % 2 else "negative"}
-            for i in range(40)]
+    rows = [
+        {"prompt": f"Review {i}: it was {'good' if i % 2 else 'bad'}", "completion": "positive" if i % 2 else "negative"}
+        for i in range(40)
+    ]
     rows += [{"prompt": "Review x: meh", "completion": ""}, rows[0], {"prompt": "long " * 300, "completion": " ok"}]
     prepared = prepare(write(tmp_path, "r.jsonl", jsonl(rows)), tokenizer=tokenizer, block_size=64,
                        estimate=False)
@@ -402,6 +404,17 @@ def test_estimate_is_called_when_available(tokenizer, tmp_path: Path, monkeypatc
     assert calls == [("my-base", prepared.report["tokens"]["train"], 128)]
     assert prepared.report["estimate"]["seconds"] == 750.0
     assert "about 12 min" in format_report(prepared.report) and "1,234 tokens/s" in format_report(prepared.report)
+
+
+def test_estimate_failure_is_a_warning_not_an_error(tokenizer, tmp_path: Path, monkeypatch) -> None:
+    def estimate_training(base, tokens, **kwargs):
+        raise TunesmithError("base model 'nope' is not installed")
+
+    monkeypatch.setitem(sys.modules, "tunesmith.estimate", types.SimpleNamespace(estimate_training=estimate_training))
+    prepared = prepare(write(tmp_path, "t.jsonl", jsonl([{"text": "Hello there."}])), tokenizer=tokenizer, base="nope")
+    assert prepared.report["estimate"] is None
+    assert checks(prepared)["estimate"]["message"] == "no training-time estimate: base model 'nope' is not installed"
+    assert load_prepared(prepared.dir).report == prepared.report
 
 
 def test_estimate_is_none_without_the_module(tokenizer, tmp_path: Path, monkeypatch) -> None:

@@ -84,7 +84,7 @@ def prepare(
         file, out=out_dir, base=base, block_size=block_size, fraction=fraction, max_tokens=max_tokens,
         valid_fraction=valid_fraction, dedupe=dedupe, seed=seed, overwrite=overwrite, estimate=estimate,
     )
-    out.print(format_report(result.report), highlight=False)
+    out.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     out.print(f"\nwrote [bold]{result.dir}[/]  (train.jsonl, valid.jsonl, report.json)")
     out.print(f"next: tunesmith train {result.dir}")
 
@@ -237,7 +237,10 @@ def demo(
 
     from .demo import run_demo
 
-    result = run_demo(text=text, full=full, out=out_dir, seed=seed, say=lambda s: out.print(s, highlight=False))
+    result = run_demo(
+        text=text, full=full, out=out_dir, seed=seed,
+        say=lambda s: out.print(s, highlight=False, markup=False, soft_wrap=True),
+    )
     out.print(Panel(result.prompt, title="prompt"))
     out.print(
         Columns(

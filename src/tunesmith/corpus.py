@@ -525,6 +525,8 @@ def _check_record(obj: dict, fmt: str, path: Path, line: int) -> dict:
 
 
 def _read_table(text: str, path: Path, delimiter: str) -> Corpus:
+    # A cell may hold a whole chapter; the csv module's default limit is 128 KiB per field.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)

@@ -93,9 +93,16 @@ def run_demo(
             max_tokens=None if full else train_tokens, overwrite=True, estimate=False, seed=seed,
         )
         say(format_report(prepared.report))
+        def on_event(event: dict) -> None:
+            if event["type"] == "info":
+                say(event["message"])
+            elif event["type"] == "validation":
+                when = "before training" if event["step"] == 0 else f"at step {event['step']}"
+                say(f"validation perplexity {when}: {event['perplexity']:.2f}")
+
         run = finetune(
             prepared.dir, out=out, overwrite=True, base=base, epochs=epochs, batch_size=4,
-            block_size=256, seed=seed, progress=progress, sample_prompts=[DEMO_PROMPT],
+            block_size=256, seed=seed, progress=progress, sample_prompts=[DEMO_PROMPT], on_event=on_event,
         )
     summary = json.loads((run.path / "summary.json").read_text())
     before = (summary.get("validation_before") or {}).get("perplexity")

@@ -29,7 +29,13 @@ from .models import DEFAULT_BASE
 MIN_BLOCK_SIZE = 16
 RECOMMENDED_EXAMPLES = 100
 RECOMMENDED_BOOK_TOKENS = 20_000
-ROW_FIELDS = {"book": ("text",), "text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("prompt", "completion")}
+# The fields of the rows written to train.jsonl / valid.jsonl, per source format.
+ROW_FIELDS = {
+    "book": ("text",),
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "chat": ("prompt", "completion"),
+}
 
 
 @dataclass
@@ -63,7 +69,15 @@ def prepare(
     overwrite: bool = False,
     estimate: bool = True,
 ) -> Prepared:
-    """Read ``path``, build train/valid examples and write them with ``report.json``, atomically."""
+    """Read ``path``, build train/valid examples and write them with ``report.json``, atomically.
+
+    ``out`` defaults to ``NAME.prepared`` beside the input; an existing one is replaced only with
+    ``overwrite``. ``tokenizer`` (a Hugging Face tokenizer) defaults to ``base``'s. ``fraction``
+    keeps the first part of the examples (of a book: its first part), then ``max_tokens`` keeps
+    examples while their total fits (always at least one). The validation set is a seeded random
+    choice of ``valid_fraction`` of the examples (at least one when there are two or more).
+    ``estimate`` asks ``tunesmith.estimate`` for the training time, if that module is present.
+    """
     path = Path(path)
     _check_settings(block_size, fraction, max_tokens, valid_fraction)
     out_dir = Path(out) if out is not None else default_output(path)
@@ -164,7 +178,7 @@ def load_prepared(path: str | Path) -> Prepared:
 
 
 def format_report(report: dict) -> str:
-    """The human-readable report the CLI prints (plain text: print it without markup)."""
+    """The human-readable report the CLI prints (plain text: print it with rich markup off)."""
     ex, tok, per = report["examples"], report["tokens"], report["tokens_per_example"]
     lines = [
         f"Prepared {Path(report['source']).name} ({report['format'].replace('_', '/')}) "
@@ -188,7 +202,6 @@ def format_report(report: dict) -> str:
         if est.get("basis"):
             line += f"; {est['basis']}"
         lines.append(line)
-    lines.append(f"Written to {report['output']}")
     return "\n".join(lines)
 
 
@@ -470,7 +483,7 @@ def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
     examples: list[str] = []
     current: list[_Unit] = []
     pending = list(reversed(units))
-    unused: dict[str, int] = {"split": 0, "word_split": 0}
+    ignored: dict[str, int] = {"split": 0, "word_split": 0}  # these splits are not over-long paragraphs
     while pending:
         unit = pending.pop()
         if current and not fits(current + [unit]):
@@ -479,7 +492,7 @@ def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
                 cut -= 1
             carry = current[cut:] if 0 < cut < len(current) else []
             if carry and not fits(carry + [unit]):
-                pieces = _sentence_units(unit, counter, unused)
+                pieces = _sentence_units(unit, counter, ignored)
                 if len(pieces) > 1:
                     pending.extend(reversed(pieces))
                     continue
@@ -659,7 +672,7 @@ def _checks(
         checks.append(_check("size", "ok", f"{n:,} examples, {total:,} tokens"))
 
     if fmt != "book":
-        required = " and ".join(f"'{f}'" for f in ("prompt", "completion", "messages", "text") if f in FIELDS.get(fmt, ()))
+        required = " and ".join(f"'{f}'" for f in FIELDS[fmt])
         if corpus.extra_fields:
             extra = ", ".join(f"'{k}' ({v:,} records)" for k, v in sorted(corpus.extra_fields.items()))
             checks.append(_check("columns", "warning", f"ignored extra fields: {extra}; only {required} are used"))

@@ -461,7 +461,8 @@ def _save_samples(run: Run, sample_log: list[dict]) -> None:
     for entry in sample_log:
         lines += [f"## Epoch {entry['epoch']} (step {entry['step']})", ""]
         for s in entry["samples"]:
-            lines += [f"**{s['prompt']}**" + s["text"].replace("\n", "  \n"), ""]
+            quote = lambda text: "\n".join("> " + line for line in text.split("\n"))  # noqa: E731
+            lines += ["Prompt:", "", quote(s["prompt"]), "", "Continuation:", "", quote(s["text"].strip()), ""]
     write_text(run.path / "samples.md", "\n".join(lines))
 
 
