@@ -40,3 +40,11 @@ def test_text_gets_eos_once():
 def test_pack_rejects_empty():
     with pytest.raises(ValueError):
         pack(np.array([1]), np.array([True]), 4, 0)
+
+
+def test_book_pieces_join_with_a_paragraph_break_not_eos():
+    ids, mask = encode_example({"text": "hi"}, _Tok(), joiner=[10, 10])
+    assert ids == [104, 105, 10, 10] and all(mask)
+    # records (prompt/completion) still end in EOS
+    ids, _ = encode_example({"prompt": "a", "completion": "b"}, _Tok(), joiner=[10, 10])
+    assert ids[-1] == 0

@@ -7,7 +7,9 @@ streams text with stop sequences handled exactly, which ``generate()``'s streame
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -64,6 +66,8 @@ class Model:
     """A causal LM ready for generation: weights in eval mode, tokenizer, device."""
 
     def __init__(self, model, tokenizer, *, name: str, path: Path | None = None, base: str | None = None):
+        import torch
+
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -75,6 +79,9 @@ class Model:
         if tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(ids)
+        self._cache_kwarg: str | None = None
+        # bf16 weights on a CPU: decoding steps use PyTorch's own bf16 kernels (see _small_batch_kernels).
+        self._cpu_bf16 = self.device.type == "cpu" and model.dtype == torch.bfloat16
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, device={self.device}, dtype={self.model.dtype})"
@@ -107,28 +114,45 @@ class Model:
 
         params.check()
         input_ids = self._encode(prompt)
-        if input_ids.shape[1] + params.max_tokens > self.context_length:
+        prompt_len = input_ids.shape[1]
+        if prompt_len + params.max_tokens > self.context_length:
             raise TunesmithError(
-                f"prompt ({input_ids.shape[1]} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {self.context_length} tokens",
                 field="max_tokens",
             )
         generator = torch.Generator(device="cpu")
         generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
-        ids = input_ids.expand(n, -1)
         cache = DynamicCache()
-        seen = ids.clone()  # for the repetition penalty
+        seen = None  # prompt + sampled ids, for the repetition penalty: one buffer, filled in place
+        if params.repetition_penalty != 1.0:
+            seen = torch.empty((n, prompt_len + params.max_tokens), dtype=torch.long, device=self.device)
+            seen[:, :prompt_len] = input_ids
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self._forward(input_ids, cache, logits_to_keep=1)
             if n > 1:  # one prefill, then the cache is repeated for the n samples
                 cache.batch_repeat_interleave(n)
             logits = out.logits[:, -1, :].float().expand(n, -1)
-            for _ in range(params.max_tokens):
-                token, lp, top = _sample(logits, seen, params, generator, logprobs)
+            for step in range(params.max_tokens):
+                length = prompt_len + step
+                token, lp, top = _sample(logits, None if seen is None else seen[:, :length], params, generator, logprobs)
                 yield token, lp, top
-                seen = torch.cat([seen, token[:, None]], dim=1)
-                out = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+                if step + 1 == params.max_tokens:
+                    break  # the last token needs no forward pass after it
+                if seen is not None:
+                    seen[:, length] = token
+                with _small_batch_kernels(self._cpu_bf16):
+                    out = self._forward(token[:, None], cache)
                 logits = out.logits[:, -1, :].float()
+
+    def _forward(self, input_ids, cache, **kwargs):
+        """One forward pass that extends ``cache`` (``cache=``; transformers before 5.2x calls it ``past_key_values=``)."""
+        if self._cache_kwarg is None:
+            import inspect
+
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._cache_kwarg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        return self.model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
 
     @property
     def context_length(self) -> int:
@@ -261,11 +285,16 @@ def _tokens_within(tokenizer, tokens: list[int], text: str) -> list[int]:
 
 
 def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | None):
-    """Pick the next token for each row: repetition penalty, temperature, top-k, top-p, then sample."""
+    """Pick the next token for each row: repetition penalty, temperature, top-k, top-p, then sample.
+
+    Log-probabilities are those of the model (before penalty and temperature), computed for the
+    picked token (and the top ``logprobs``) only, rather than as a full-vocabulary log_softmax.
+    """
     import torch
 
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    if params.repetition_penalty != 1.0:
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    raw = logits
+    if seen is not None:
         logits = logits.clone()
         picked = logits.gather(1, seen)
         picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
@@ -285,14 +314,49 @@ def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | Non
             logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
         probs = logits.softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    lp = raw_logprobs.gather(1, token[:, None]).squeeze(1)
+    lp = (raw.gather(1, token[:, None]) - log_norm).squeeze(1)
     top = None
     if logprobs:
-        values, ids = torch.topk(raw_logprobs, logprobs, dim=-1)
+        values, ids = torch.topk(raw, logprobs, dim=-1)
+        values = values - log_norm
         top = [
             {str(int(i)): float(v) for i, v in zip(row_ids, row_vals)} for row_ids, row_vals in zip(ids, values)
         ]
     return token, lp, top
+
+
+_kernel_lock = threading.Lock()
+_kernel_users = 0  # decoding steps running now with oneDNN off
+_kernel_saved = True  # oneDNN's setting before the first of them
+
+
+@contextmanager
+def _small_batch_kernels(cpu_bf16: bool):
+    """Run a decoding step (a few rows) with oneDNN off when the weights are bf16 on a CPU.
+
+    oneDNN's bf16 matmul is built for big batches: for the (n, 576) x (576, k) products of a
+    decoding step, PyTorch's own bf16 kernels are about twice as fast (bench/results/LATEST.md).
+    The switch is process-wide, so concurrent generations share it through a count and the
+    last one out restores oneDNN's setting (for training and prefill).
+    """
+    global _kernel_users, _kernel_saved
+    if not cpu_bf16:
+        yield
+        return
+    import torch
+
+    with _kernel_lock:
+        if _kernel_users == 0:
+            _kernel_saved = torch.backends.mkldnn.enabled
+        _kernel_users += 1
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        with _kernel_lock:
+            _kernel_users -= 1
+            if _kernel_users == 0:
+                torch.backends.mkldnn.enabled = _kernel_saved
 
 
 def load(model: str | Path, *, device: str | None = None, dtype: str | None = "auto") -> Model:

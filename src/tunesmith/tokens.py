@@ -35,11 +35,16 @@ class Blocks:
         return int(self.mask[:, 1:].sum())
 
 
-def encode_example(row: dict, tokenizer) -> tuple[list[int], list[bool]]:
+def encode_example(row: dict, tokenizer, joiner: list[int] | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids and loss mask of one example. Records end in EOS; consecutive pieces of one
+    book end in ``joiner`` (a paragraph break) instead, so the model learns to go on writing
+    rather than to stop after every few hundred tokens."""
     eos = tokenizer.eos_token_id
     if "text" in row:
         ids = tokenizer.encode(row["text"], add_special_tokens=False)
         mask = [True] * len(ids)
+        if joiner:
+            return ids + joiner, mask + [True] * len(joiner)
     else:
         prompt = tokenizer.encode(row["prompt"], add_special_tokens=False)
         completion = tokenizer.encode(row["completion"], add_special_tokens=False)
@@ -51,12 +56,16 @@ def encode_example(row: dict, tokenizer) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
-def tokenize_rows(rows: list[dict], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """One flat stream of token ids and its loss mask, examples in order, each ending in EOS."""
+def book_joiner(tokenizer) -> list[int]:
+    return tokenizer.encode("\n\n", add_special_tokens=False)
+
+
+def tokenize_rows(rows: list[dict], tokenizer, joiner: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One flat stream of token ids and its loss mask, examples in order (see encode_example)."""
     all_ids: list[int] = []
     all_mask: list[bool] = []
     for row in rows:
-        ids, mask = encode_example(row, tokenizer)
+        ids, mask = encode_example(row, tokenizer, joiner)
         all_ids.extend(ids)
         all_mask.extend(mask)
     return np.asarray(all_ids, dtype=np.int64), np.asarray(all_mask, dtype=bool)

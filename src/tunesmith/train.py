@@ -304,7 +304,7 @@ def finetune(
 def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_progress: bool, samples: bool) -> None:
     import torch
 
-    from .tokens import pack, tokenize_rows
+    from .tokens import book_joiner, pack, tokenize_rows
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -314,8 +314,9 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     emit({"type": "info", "message": f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"})
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train_blocks = pack(*tokenize_rows(prepared["train"], tok), cfg.block_size, pad)
-    valid_blocks = pack(*tokenize_rows(prepared["valid"], tok), cfg.block_size, pad) if prepared["valid"] else None
+    joiner = book_joiner(tok) if (prepared.get("report") or {}).get("format") == "book" else None
+    train_blocks = pack(*tokenize_rows(prepared["train"], tok, joiner), cfg.block_size, pad)
+    valid_blocks = pack(*tokenize_rows(prepared["valid"], tok, joiner), cfg.block_size, pad) if prepared["valid"] else None
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
