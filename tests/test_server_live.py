@@ -249,3 +249,18 @@ def test_jobs_survive_a_killed_server(servers, tunesmith_home):
     done = wait_for(client, queued.id)
     assert done.status == "succeeded" and done.fine_tuned_model
     assert [j.id for j in client.fine_tuning.jobs.list(limit=10)] == [queued.id, long_job.id]
+
+
+@pytest.mark.real_model
+def test_real_bundled_model_through_the_openai_client(servers, real_base_dir):
+    """The real SmolLM2-135M-Instruct answers through /v1/completions and /v1/chat/completions."""
+    client = servers().client()
+    done = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8,
+                                     temperature=0)
+    assert "Paris" in done.choices[0].text
+    chat = client.chat.completions.create(
+        model="smollm2-135m", temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+    )
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.prompt_tokens > 10 and chat.usage.completion_tokens > 0
