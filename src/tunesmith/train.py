@@ -27,7 +27,7 @@ from .errors import TunesmithError
 from .models import DEFAULT_BASE
 from .rundir import RUN_FORMAT, Run
 
-MICRO_BATCH_TOKENS = 2048  # tokens per forward/backward; bounds activation memory
+MICRO_BATCH_TOKENS = 1024  # tokens per forward/backward: bounds activation memory (~0.7 GB per 512 tokens)
 
 
 @dataclass
