@@ -35,17 +35,18 @@ def measure_throughput(base: str, *, block_size: int = 512, batch_size: int = 8,
 
     from .device import pick_device, pick_dtype, setup_threads
     from .tokens import Blocks
-    from .train import TrainConfig, build_model, make_optimizer, train_step
+    from .train import TrainConfig, build_model, make_optimizer, micro_batch_size, train_step
 
     setup_threads()
     cfg = TrainConfig(base=base, method=method, block_size=block_size, batch_size=batch_size, dtype=dtype, device=device)
     dev = pick_device(device)
-    key = _key(base, method, block_size, cfg.micro_batch, dev, str(pick_dtype(dev, dtype)))
+    micro_n = micro_batch_size(cfg, dev)
+    key = _key(base, method, block_size, micro_n, dev, str(pick_dtype(dev, dtype)))
     cache_path = home() / "throughput.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     if key in cache and not refresh:
         return cache[key]
-    micro = TrainConfig(**{**cfg.__dict__, "batch_size": cfg.micro_batch})
+    micro = TrainConfig(**{**cfg.__dict__, "batch_size": micro_n})
     model, tok, dev, compute = build_model(micro)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, len(tok), size=(micro.batch_size, block_size + 1))

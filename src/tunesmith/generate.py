@@ -121,7 +121,7 @@ class Model:
                 f"model's context of {self.context_length} tokens",
                 field="max_tokens",
             )
-        generator = torch.Generator(device="cpu")
+        generator = torch.Generator(device=self.device)  # sampling happens where the logits are
         generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
         cache = DynamicCache()
         seen = None  # prompt + sampled ids, for the repetition penalty: one buffer, filled in place
