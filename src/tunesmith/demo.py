@@ -20,7 +20,7 @@ DEMO_PROMPT = (
     "The following is a cyberpunk flash fiction about eating breakfast.\n\n"
     "I woke up with a terrible hangover and the burning desire for scrambled eggs."
 )
-DEMO_TOKENS = 30_000  # enough to move the style, small enough for ~3 minutes on 2 cores
+DEMO_TOKENS = 40_000  # enough to move the style, small enough for ~3 minutes on 2 cores
 
 
 @dataclass
@@ -72,6 +72,7 @@ def run_demo(
     max_tokens: int = 120,
     seed: int = 0,
     epochs: int = 2,
+    lr: float = 2e-3,
     train_tokens: int = DEMO_TOKENS,
     progress: bool = True,
     say: Callable[[str], None] = print,
@@ -101,7 +102,7 @@ def run_demo(
                 say(f"validation perplexity {when}: {event['perplexity']:.2f}")
 
         run = finetune(
-            prepared.dir, out=out, overwrite=True, base=base, epochs=epochs, batch_size=4,
+            prepared.dir, out=out, overwrite=True, base=base, epochs=epochs, batch_size=4, lr=lr,
             block_size=256, seed=seed, progress=progress, sample_prompts=[DEMO_PROMPT], on_event=on_event,
         )
     summary = json.loads((run.path / "summary.json").read_text())
