@@ -79,7 +79,7 @@ def throughput(step_ends: list[float], start: float, warmup: int, tokens_per_ste
 def child_train_tunesmith(spec: dict) -> dict:
     import torch
 
-    from tunesmith.train import TrainConfig, build_model, make_optimizer, train_step
+    from tunesmith.train import TrainConfig, build_model, compile_layers, make_optimizer, train_step
 
     cfg = TrainConfig(base=spec["model"], batch_size=BATCH, block_size=BLOCK, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
                       lr=LR, seed=SEED, max_steps=spec["steps"], micro_batch_size=spec.get("micro_batch"),
@@ -88,6 +88,8 @@ def child_train_tunesmith(spec: dict) -> dict:
     torch.manual_seed(SEED)
     model, tok, device, compute = build_model(cfg)
     load_seconds, rss_after_load = time.perf_counter() - t, rss_mb()
+    if spec.get("compile"):  # what `tunesmith train` does for runs of COMPILE_MIN_TOKENS or more
+        compile_layers(model)
     blocks, order = bench_blocks(spec, tok)
     opt, sched = make_optimizer(model, cfg, spec["steps"])
     losses, ends = [], []
@@ -99,6 +101,7 @@ def child_train_tunesmith(spec: dict) -> dict:
         losses.append(result["loss"])
         ends.append(time.perf_counter())
     out = throughput(ends, start, spec["warmup"], BATCH * BLOCK)
+    out["first_step_extra_seconds"] = (ends[0] - start) - out["seconds_per_step"]
     out.update(losses=losses, final_loss=losses[-1], load_seconds=load_seconds, rss_after_load_mb=rss_after_load,
                micro_batch=cfg.micro_batch, checkpointing=cfg.gradient_checkpointing, dtype=str(compute))
     if device.startswith("cuda"):
@@ -401,7 +404,8 @@ def main() -> None:
 
     if "train" in parts:
         train = report["train"] = {}
-        runs = [("tunesmith", "train_tunesmith", {}), ("hf_fp32", "train_hf", {"bf16": False}),
+        runs = [("tunesmith", "train_tunesmith", {}), ("tunesmith_compiled", "train_tunesmith", {"compile": True}),
+                ("hf_fp32", "train_hf", {"bf16": False}),
                 ("hf_bf16", "train_hf", {"bf16": True})]
         for name, kind, extra in runs:
             say(f"train: {name}, {args.steps} steps ...")
@@ -455,6 +459,12 @@ def summarise(report: dict) -> dict:
     s: dict = {}
     train = report.get("train", {})
     ts, fp32, bf16 = (train.get(k, {}) for k in ("tunesmith", "hf_fp32", "hf_bf16"))
+    compiled = train.get("tunesmith_compiled", {})
+    if "tokens_per_second" in compiled:
+        for name, other in (("fp32", fp32), ("bf16", bf16)):
+            if "tokens_per_second" in other:
+                s[f"train_compiled_speed_vs_hf_{name}"] = _ratio(compiled["tokens_per_second"], other["tokens_per_second"])
+        s["compile_seconds"] = round(compiled["first_step_extra_seconds"], 1)
     if "tokens_per_second" in ts:
         for name, other in (("fp32", fp32), ("bf16", bf16)):
             if "tokens_per_second" in other:
@@ -523,7 +533,9 @@ def render(report: dict) -> str:
     train = report.get("train")
     if train:
         out += ["## Training", "", "| run | tokens/s | peak RSS MB | final loss | load s |", "| --- | ---: | ---: | ---: | ---: |"]
-        labels = {"tunesmith": "tunesmith (bf16 base, fused loss)", "hf_fp32": "HF Trainer + peft, defaults (fp32)",
+        labels = {"tunesmith": "tunesmith (bf16 base, fused loss)",
+                  "tunesmith_compiled": "tunesmith, compiled layers (auto for runs of 100k+ tokens)",
+                  "hf_fp32": "HF Trainer + peft, defaults (fp32)",
                   "hf_bf16": "HF Trainer + peft, `bf16=True`"}
         for key, label in labels.items():
             r = train.get(key, {})
@@ -532,7 +544,8 @@ def render(report: dict) -> str:
                 continue
             out.append(f"| {label} | {r['tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} | {r['final_loss']:.4f} | {r['load_seconds']:.1f} |")
         out += [""]
-        for key in ("train_speed_vs_hf_fp32", "train_speed_vs_hf_bf16", "train_rss_vs_hf_fp32",
+        for key in ("train_speed_vs_hf_fp32", "train_speed_vs_hf_bf16", "train_compiled_speed_vs_hf_fp32",
+                    "train_compiled_speed_vs_hf_bf16", "compile_seconds", "train_rss_vs_hf_fp32",
                     "final_loss_diff_vs_hf_fp32", "final_loss_diff_vs_hf_bf16"):
             if key in s:
                 out.append(f"- {key.replace('_', ' ')}: **{s[key]}**")

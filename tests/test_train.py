@@ -151,3 +151,16 @@ def test_full_fine_tune_writes_full_weights(book, tmp_path, tiny_model_dir):
     run = finetune(book, out=tmp_path / "run", progress=False, samples=False, method="full", **{**TINY, "epochs": 1})
     assert (run.path / "model" / "config.json").exists()
     assert load(run.path).generate("The", max_tokens=3, seed=0)
+
+
+def test_compiled_layers_train_like_eager_ones(book, tmp_path, tiny_model_dir):
+    """torch.compile'd decoder layers give the same losses; validation and samples run eagerly."""
+    eager = finetune(book, out=tmp_path / "eager", progress=False, compile="off", **{**TINY, "epochs": 1})
+    events = []
+    compiled = finetune(book, out=tmp_path / "compiled", progress=False, compile="on", on_event=events.append,
+                        **{**TINY, "epochs": 1})
+    assert any("compiling" in e.get("message", "") for e in events)
+    assert not any("compile failed" in e.get("message", "") for e in events)
+    losses = lambda run: [r["training_loss"] for r in run.metrics() if "training_loss" in r]  # noqa: E731
+    assert losses(compiled) == pytest.approx(losses(eager), rel=2e-2)
+    assert compiled.status == "succeeded" and "Epoch 1" in (compiled.path / "samples.md").read_text()

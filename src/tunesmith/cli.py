@@ -147,6 +147,7 @@ def train(
     dtype: str = typer.Option("auto", help="auto (bf16 where supported), bf16 or fp32"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     save_every: Optional[int] = typer.Option(None, help="also checkpoint every N steps"),
+    compile: str = typer.Option("auto", help="torch.compile the layers: auto (long CPU runs), on, off"),
     prompt: List[str] = typer.Option([], "--prompt", help="fixed prompt for samples.md (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the plan and estimated time, train nothing"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
@@ -155,7 +156,7 @@ def train(
     options = dict(
         base=base, epochs=epochs, lr=lr, batch_size=batch_size, block_size=block_size, method=method,
         lora_r=lora_r, seed=seed, max_steps=max_steps, valid_fraction=valid_fraction, dtype=dtype,
-        device=device, save_every=save_every, sample_prompts=list(prompt),
+        device=device, save_every=save_every, sample_prompts=list(prompt), compile=compile,
     )
     if dry_run:
         from .estimate import plan

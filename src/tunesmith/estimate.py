@@ -21,43 +21,50 @@ EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of forward + backward
 SAMPLE_TOKENS_PER_SECOND = 30.0  # generation of samples.md, once per epoch
 
 
-def _key(base: str, method: str, block_size: int, micro: int, device: str, dtype: str) -> str:
+def _key(base: str, method: str, block_size: int, micro: int, device: str, dtype: str, compiled: bool) -> str:
     import torch
 
-    return f"{base}|{method}|{block_size}|{micro}|{device}|{dtype}|torch{torch.__version__}|threads{torch.get_num_threads()}|cpus{os.cpu_count()}"
+    return (f"{base}|{method}|{block_size}|{micro}|{device}|{dtype}|compile{int(compiled)}|torch{torch.__version__}"
+            f"|threads{torch.get_num_threads()}|cpus{os.cpu_count()}")
 
 
 def measure_throughput(base: str, *, block_size: int = 512, batch_size: int = 8, method: str = "lora",
-                       dtype: str = "auto", device: str = "auto", refresh: bool = False) -> dict:
-    """Tokens/s of a training step here, for this setting (cached)."""
+                       dtype: str = "auto", device: str = "auto", compiled: bool = False, refresh: bool = False) -> dict:
+    """Tokens/s of a training step here, for this setting (cached); with ``compiled``, also the
+    one-off compile time (the warm-up step's extra time)."""
     import numpy as np
     import torch
 
     from .device import pick_device, pick_dtype, setup_threads
     from .tokens import Blocks
-    from .train import TrainConfig, build_model, make_optimizer, micro_batch_size, train_step
+    from .train import TrainConfig, build_model, compile_layers, make_optimizer, micro_batch_size, train_step
 
     setup_threads()
     cfg = TrainConfig(base=base, method=method, block_size=block_size, batch_size=batch_size, dtype=dtype, device=device)
     dev = pick_device(device)
     micro_n = micro_batch_size(cfg, dev)
-    key = _key(base, method, block_size, micro_n, dev, str(pick_dtype(dev, dtype)))
+    key = _key(base, method, block_size, micro_n, dev, str(pick_dtype(dev, dtype)), compiled)
     cache_path = home() / "throughput.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     if key in cache and not refresh:
         return cache[key]
     micro = TrainConfig(**{**cfg.__dict__, "batch_size": micro_n})
     model, tok, dev, compute = build_model(micro)
+    if compiled:
+        compile_layers(model)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, len(tok), size=(micro.batch_size, block_size + 1))
     blocks = Blocks(ids=ids, mask=np.ones_like(ids, dtype=bool))
     opt, sched = make_optimizer(model, micro, 10)
     idx = np.arange(micro.batch_size)
-    train_step(model, opt, sched, blocks, idx, micro, dev, compute)  # warm-up
+    start = time.perf_counter()
+    train_step(model, opt, sched, blocks, idx, micro, dev, compute)  # warm-up (and compile)
+    warmup = time.perf_counter() - start
     start = time.perf_counter()
     result = train_step(model, opt, sched, blocks, idx, micro, dev, compute)
     seconds = time.perf_counter() - start
-    entry = {"tokens_per_second": result["tokens"] / seconds, "measured": time.time(), "basis": f"1 timed step of {result['tokens']} tokens on {dev}"}
+    entry = {"tokens_per_second": result["tokens"] / seconds, "compile_seconds": max(0.0, warmup - seconds) if compiled else 0.0,
+             "measured": time.time(), "basis": f"1 timed step of {result['tokens']} tokens on {dev}" + (", compiled" if compiled else "")}
     del model
     cache[key] = entry
     write_json(cache_path, cache)
@@ -66,13 +73,20 @@ def measure_throughput(base: str, *, block_size: int = 512, batch_size: int = 8,
 
 def estimate_training(base: str, tokens: int, *, epochs: int = 4, block_size: int = 512, batch_size: int = 8,
                       method: str = "lora", valid_tokens: int = 0, sample_prompts: int = 1, dtype: str = "auto",
-                      device: str = "auto") -> dict:
+                      device: str = "auto", compile: str = "auto") -> dict:
     """Seconds to train ``tokens`` for ``epochs`` here, with validation and samples each epoch."""
-    speed = measure_throughput(base, block_size=block_size, batch_size=batch_size, method=method, dtype=dtype, device=device)
-    tps = speed["tokens_per_second"]
+    from .device import pick_device
+    from .train import TrainConfig, wants_compile
+
     blocks = max(1, math.ceil(tokens / block_size))
     train_tokens = blocks * block_size * epochs
-    seconds = train_tokens / tps
+    cfg = TrainConfig(base=base, method=method, block_size=block_size, batch_size=batch_size, dtype=dtype, device=device,
+                      compile=compile)
+    compiled = wants_compile(cfg, pick_device(device), train_tokens)
+    speed = measure_throughput(base, block_size=block_size, batch_size=batch_size, method=method, dtype=dtype,
+                               device=device, compiled=compiled)
+    tps = speed["tokens_per_second"]
+    seconds = train_tokens / tps + speed.get("compile_seconds", 0.0)
     seconds += valid_tokens * (epochs + 2) / (tps * EVAL_SPEEDUP)
     seconds += epochs * sample_prompts * 60 / SAMPLE_TOKENS_PER_SECOND
     seconds += 5  # loading the model and tokenizing
@@ -105,7 +119,7 @@ def plan(data: str | Path, **options) -> dict:
     tokens = len(train) * cfg.block_size
     est = estimate_training(cfg.base, tokens, epochs=cfg.epochs, block_size=cfg.block_size, batch_size=cfg.batch_size,
                             method=cfg.method, valid_tokens=valid_tokens, sample_prompts=len(cfg.sample_prompts) or 2,
-                            dtype=cfg.dtype, device=cfg.device)
+                            dtype=cfg.dtype, device=cfg.device, compile=cfg.compile)
     if cfg.max_steps:
         est["seconds"] *= steps / (math.ceil(len(train) / cfg.batch_size) * cfg.epochs)
     return {
