@@ -11,10 +11,7 @@ __version__ = "0.1.0"
 
 from .errors import TunesmithError  # noqa: E402
 from .generate import Completion, Model, load  # noqa: E402
-try:
-    from .prepare import prepare  # noqa: E402
-except ImportError:  # pragma: no cover - during development
-    pass
+from .prepare import prepare  # noqa: E402
 from .rundir import Run  # noqa: E402
 from .train import finetune  # noqa: E402
 
