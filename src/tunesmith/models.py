@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     if (target / CACHE_MARKER).exists():
         return target
     quiet_transformers()
+    print(f"converting {gguf.name} to safetensors in {target.parent} (once, ~20 s)", file=sys.stderr, flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
