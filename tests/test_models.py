@@ -43,6 +43,22 @@ def test_missing_gguf_and_unknown_names(tmp_path):
 
 
 def test_hub_id_not_in_local_cache_fails_fast_without_network(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(TunesmithError, match="not in the local Hugging Face cache"):
         resolve("HuggingFaceTB/SmolLM2-360M")
+
+
+def test_hub_id_already_in_the_local_cache_is_used(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert resolve("someone/tiny") == snapshot

@@ -176,16 +176,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def _from_hf_cache(repo_id: str) -> Path:
-    """A hub id is accepted only when its files are already cached locally: never a download."""
-    from huggingface_hub import snapshot_download
+    """A hub id is accepted only when its files are already cached locally: never a download.
+    We read the cache's documented layout ourselves, so no code path here can reach the network."""
+    from huggingface_hub import constants
 
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        raise TunesmithError(
-            f"'{repo_id}' is not in the local Hugging Face cache, and tunesmith does not download models",
-            hint="copy the model directory to this machine and pass its path, or use a bundled base",
-        ) from None
+    root = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    ref = root / "refs" / "main"
+    snapshots = [root / "snapshots" / ref.read_text().strip()] if ref.exists() else []
+    snapshots += sorted((root / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) if (root / "snapshots").is_dir() else []
+    for snapshot in snapshots:
+        if (snapshot / "config.json").exists():
+            return snapshot
+    raise TunesmithError(
+        f"'{repo_id}' is not in the local Hugging Face cache, and tunesmith does not download models",
+        hint="copy the model directory to this machine and pass its path, or use a bundled base",
+    )
 
 
 def quiet_transformers() -> None:

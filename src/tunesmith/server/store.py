@@ -338,15 +338,22 @@ class Store:
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """Newest first, like OpenAI: ``after`` is the last event id of the previous page (older ones follow)."""
-        sql, args = "SELECT * FROM events WHERE job_id=?", [job_id]
+        rows, more = self._page("events", job_id, after, limit)
+        return [_event_row(r) for r in rows], more
+
+    def _page(self, table: str, job_id: str, after: str | None, limit: int) -> tuple[list, bool]:
+        """One page of a job's rows in ``table`` (events or checkpoints), newest first, starting
+        after the row whose id is ``after``; and whether more follow."""
+        assert table in ("events", "checkpoints")
+        sql, args = f"SELECT * FROM {table} WHERE job_id=?", [job_id]
         if after:
-            sql += " AND seq < COALESCE((SELECT seq FROM events WHERE id=?), -1)"
+            sql += f" AND seq < COALESCE((SELECT seq FROM {table} WHERE id=?), -1)"
             args.append(after)
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit + 1)
         with self._connect() as db:
             rows = db.execute(sql, args).fetchall()
-        return [_event_row(r) for r in rows[:limit]], len(rows) > limit
+        return rows[:limit], len(rows) > limit
 
     def events_since(self, job_id: str, since_seq: int = 0) -> list[dict]:
         """Oldest first, for following a job live; each row carries its ``seq`` cursor."""
@@ -373,20 +380,8 @@ class Store:
             )
 
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
-        sql, args = "SELECT * FROM checkpoints WHERE job_id=?", [job_id]
-        if after:
-            sql += " AND seq < COALESCE((SELECT seq FROM checkpoints WHERE id=?), -1)"
-            args.append(after)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit + 1)
-        with self._connect() as db:
-            rows = db.execute(sql, args).fetchall()
-        out = []
-        for r in rows[:limit]:
-            row = dict(r)
-            row["metrics"] = json.loads(row["metrics"] or "{}")
-            out.append(row)
-        return out, len(rows) > limit
+        rows, more = self._page("checkpoints", job_id, after, limit)
+        return [{**dict(r), "metrics": json.loads(r["metrics"] or "{}")} for r in rows], more
 
     # -- the worker lock and crash recovery -------------------------------------------------
     def try_worker_lock(self):
