@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 
 from .errors import TunesmithError
+from .errors import reported as user_errors
 from .models import DEFAULT_BASE
 
 app = typer.Typer(
@@ -27,23 +27,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 out = Console()
 err = Console(stderr=True)
-
-
-def user_errors(fn):
-    """Turn a TunesmithError into a one-paragraph message and exit code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TunesmithError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-            raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
-            err.print("[yellow]stopped.[/]")
-            raise typer.Exit(130)
-
-    return wrapper
 
 
 @models_app.command("list")

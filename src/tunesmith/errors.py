@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 
@@ -44,3 +45,23 @@ class TunesmithError(Exception):
         if self.hint:
             text += f"\n  hint: {self.hint}"
         return text
+
+
+def reported(command):
+    """Wrap a CLI command: a TunesmithError becomes one message on stderr and its exit code,
+    Ctrl-C exits 130; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import typer
+
+        try:
+            return command(*args, **kwargs)
+        except TunesmithError as exc:
+            typer.secho(f"error: {exc}", err=True, fg="red")
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            typer.secho("stopped.", err=True, fg="yellow")
+            raise typer.Exit(130)
+
+    return wrapper

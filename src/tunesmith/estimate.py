@@ -33,7 +33,6 @@ def measure_throughput(base: str, *, block_size: int = 512, batch_size: int = 8,
     """Tokens/s of a training step here, for this setting (cached); with ``compiled``, also the
     one-off compile time (the warm-up step's extra time)."""
     import numpy as np
-    import torch
 
     from .device import pick_device, pick_dtype, setup_threads
     from .tokens import Blocks

@@ -361,8 +361,6 @@ def _small_batch_kernels(cpu_bf16: bool):
 
 def load(model: str | Path, *, device: str | None = None, dtype: str | None = "auto") -> Model:
     """Load a run directory, a base model name, a model directory or a ``.gguf`` file for generation."""
-    import torch
-
     from . import models, rundir
     from .device import pick_device, pick_dtype, setup_threads
 

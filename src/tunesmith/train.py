@@ -9,7 +9,6 @@ logits (loss.py), and a fused AdamW. We write the loop ourselves rather than use
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import random
@@ -302,8 +301,6 @@ def finetune(
     ``on_event`` receives progress events; ``should_stop()`` is polled each step for a clean stop.
     Ctrl-C saves a checkpoint, marks the run interrupted and re-raises KeyboardInterrupt.
     """
-    import torch
-
     unknown = set(options) - set(TrainConfig.__dataclass_fields__)
     if unknown:
         raise TunesmithError(f"unknown option(s): {', '.join(sorted(unknown))}")

@@ -6,7 +6,6 @@ Nothing heavy is imported at module level: the main CLI imports this on every in
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import socket
 import sys
@@ -16,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import TunesmithError
+from ..errors import TunesmithError, reported
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -116,18 +115,7 @@ jobs_app = typer.Typer(help="Fine-tuning jobs of `tunesmith serve` (reads its da
                        no_args_is_help=True)
 
 
-def _friendly(fn):
-    """Print a TunesmithError as one message and exit with its code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TunesmithError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(err.exit_code)
-
-    return wrapper
+_friendly = reported
 
 
 def _store():
