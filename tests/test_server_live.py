@@ -181,8 +181,9 @@ def test_openai_client_end_to_end(servers):
 
     upload = client.files.create(file=("story.txt", story(6).encode()), purpose="fine-tune")
     assert upload.id.startswith("file-") and upload.filename == "story.txt"
-    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=upload.id, suffix="story", seed=3,
-                                         hyperparameters={"n_epochs": 1, "batch_size": 2})
+    held_out = client.files.create(file=("held.txt", story(2, seed=9).encode()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=upload.id, validation_file=held_out.id,
+                                         suffix="story", seed=3, hyperparameters={"n_epochs": 1, "batch_size": 2})
     assert job.status == "queued" and job.hyperparameters.n_epochs == 1
     job = wait_for(client, job.id)
     events = all_events(client, job.id)
@@ -193,6 +194,8 @@ def test_openai_client_end_to_end(servers):
     assert metrics and metrics[0].data["step"] == 1 and metrics[0].data["train_loss"] > 0
     assert messages[0] == "The job has successfully completed"  # newest first, as OpenAI orders them
     assert any(m.startswith("Checkpoint saved at step") for m in messages)
+    run_valid = (server.home / "runs" / job.id / "data" / "valid.jsonl").read_text()
+    assert story(2, seed=9).split(".")[0] in run_valid  # the validation file is the validation set
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert checkpoints and checkpoints[0].fine_tuning_job_id == job.id and checkpoints[0].step_number >= 1
 

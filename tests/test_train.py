@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 import numpy as np
 import pytest
@@ -163,3 +165,16 @@ def test_compiled_layers_train_like_eager_ones(book, tmp_path, tiny_model_dir):
     losses = lambda run: [r["training_loss"] for r in run.metrics() if "training_loss" in r]  # noqa: E731
     assert losses(compiled) == pytest.approx(losses(eager), rel=2e-2)
     assert compiled.status == "succeeded" and "Epoch 1" in (compiled.path / "samples.md").read_text()
+
+
+def test_separate_validation_file_replaces_the_held_out_share(book, tmp_path, tiny_model_dir):
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"A different story, chapter {i}. The ship sailed at dawn.\n\n" for i in range(6)))
+    run = finetune(book, validation=other, out=tmp_path / "run", progress=False, samples=False, **{**TINY, "epochs": 1})
+    rows = lambda name: [json.loads(line) for line in (run.path / "data" / name).read_text().splitlines()]  # noqa: E731
+    valid_text = " ".join(r["text"] for r in rows("valid.jsonl"))
+    train_text = " ".join(r["text"] for r in rows("train.jsonl"))
+    assert "ship sailed at dawn" in valid_text and "ship sailed" not in train_text
+    assert all(f"study number {i}." in train_text for i in range(24))  # nothing of the book held out
+    assert [r for r in run.metrics() if "validation_loss" in r]
+    assert not (run.path / "data" / "validation").exists()

@@ -127,6 +127,7 @@ def train(
     seed: int = typer.Option(0),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
     valid_fraction: float = typer.Option(0.05, help="held-out share when DATA is a raw file"),
+    validation: Optional[Path] = typer.Option(None, help="a separate validation file or prepared dir (then nothing is held out)"),
     dtype: str = typer.Option("auto", help="auto (bf16 where supported), bf16 or fp32"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     save_every: Optional[int] = typer.Option(None, help="also checkpoint every N steps"),
@@ -157,7 +158,7 @@ def train(
             out.print(f"base model: validation loss {event['validation_loss']:.3f}, perplexity {event['perplexity']:.2f}")
 
     try:
-        run = finetune(data, out=out_dir, overwrite=overwrite, on_event=on_event, **options)
+        run = finetune(data, validation=validation, out=out_dir, overwrite=overwrite, on_event=on_event, **options)
     except KeyboardInterrupt:
         err.print("[yellow]training interrupted; the last checkpoint is saved and usable.[/]")
         raise typer.Exit(130)

@@ -256,27 +256,42 @@ def evaluate(model, blocks, cfg: TrainConfig, device, compute_dtype) -> dict:
 # The run
 
 
-def load_data(data: str | Path, cfg: TrainConfig, tokenizer, data_dir: Path) -> dict:
-    """Put the prepared data in ``data_dir`` (preparing a raw file on the fly) and return it."""
+def load_data(data: str | Path, cfg: TrainConfig, tokenizer, data_dir: Path, validation: str | Path | None = None) -> dict:
+    """Put the prepared data in ``data_dir`` (preparing raw files on the fly) and return it.
+    With ``validation`` (a prepared dir or raw file), all of it is the validation set and all
+    of ``data`` is trained on."""
+    from .atomic import write_jsonl
+
+    prepared = _examples(data, cfg, tokenizer, data_dir, hold_out=validation is None)
+    if not prepared.train:
+        raise TunesmithError("no training examples", file=data)
+    train, valid = prepared.train, prepared.valid
+    if validation is not None:
+        held = _examples(validation, cfg, tokenizer, data_dir / "validation", hold_out=False)
+        shutil.rmtree(data_dir / "validation", ignore_errors=True)
+        train, valid = train + valid, held.train + held.valid
+        write_jsonl(data_dir / "train.jsonl", train)
+        write_jsonl(data_dir / "valid.jsonl", valid)
+    return {"train": train, "valid": valid, "report": prepared.report}
+
+
+def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_out: bool):
     from .prepare import load_prepared, prepare
 
-    path = Path(data)
+    path = Path(source)
     if not path.exists():
         raise TunesmithError("no such file or directory", file=path)
     if path.is_dir():
         prepared = load_prepared(path)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         for name in ("train.jsonl", "valid.jsonl", "report.json"):
             if (path / name).exists():
-                shutil.copy2(path / name, data_dir / name)
-    else:
-        prepared = prepare(
-            path, out=data_dir, base=cfg.base, tokenizer=tokenizer, block_size=cfg.block_size,
-            valid_fraction=cfg.valid_fraction, seed=cfg.seed, overwrite=True, estimate=False,
-        )
-    if not prepared.train:
-        raise TunesmithError("no training examples", file=path)
-    return {"train": prepared.train, "valid": prepared.valid, "report": prepared.report}
+                shutil.copy2(path / name, out / name)
+        return prepared
+    return prepare(
+        path, out=out, base=cfg.base, tokenizer=tokenizer, block_size=cfg.block_size,
+        valid_fraction=cfg.valid_fraction if hold_out else 0.0, seed=cfg.seed, overwrite=True, estimate=False,
+    )
 
 
 def default_out(data: str | Path) -> Path:
@@ -287,6 +302,7 @@ def default_out(data: str | Path) -> Path:
 def finetune(
     data: str | Path,
     *,
+    validation: str | Path | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     on_event: Callable[[dict], None] | None = None,
@@ -297,6 +313,7 @@ def finetune(
 ) -> Run:
     """Fine-tune ``options['base']`` on ``data`` (a prepared dir or a raw file) into run dir ``out``.
 
+    ``validation`` (optional, a prepared dir or raw file) replaces the held-out share of ``data``.
     ``options`` are TrainConfig fields (epochs, lr, batch_size, block_size, method, seed, ...).
     ``on_event`` receives progress events; ``should_stop()`` is polled each step for a clean stop.
     Ctrl-C saves a checkpoint, marks the run interrupted and re-raises KeyboardInterrupt.
@@ -323,7 +340,7 @@ def finetune(
 
     tokenizer = load_tokenizer(cfg.base)
     with atomic_dir(out, overwrite=True) as tmp:
-        prepared = load_data(data, cfg, tokenizer, tmp / "data")
+        prepared = load_data(data, cfg, tokenizer, tmp / "data", validation)
         tokenizer.save_pretrained(tmp / "tokenizer")
         config = {
             "tunesmith_run": RUN_FORMAT,
@@ -331,7 +348,8 @@ def finetune(
             **asdict(cfg),
             "learning_rate": cfg.learning_rate,
             "base_path": str(base_path),
-            "data": {"source": str(Path(data).resolve()), "report": prepared["report"]},
+            "data": {"source": str(Path(data).resolve()), "report": prepared["report"],
+                     "validation": str(Path(validation).resolve()) if validation else None},
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

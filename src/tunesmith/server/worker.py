@@ -128,15 +128,20 @@ class JobRunner:
             store.add_event(job_id, "Fine-tuning job cancelled")
             return "cancelled"
         store.add_event(job_id, "Fine-tuning job started")
+        validation = None
         if job.get("validation_file"):
-            store.add_event(job_id, "validation_file is not used yet: tunesmith holds out part of the "
-                            "training file for validation", level="warn")
+            vfile = store.get_file(job["validation_file"])
+            if vfile is None or not Path(vfile["path"]).exists():
+                return self._fail("validation_file_missing",
+                                  f"validation file {job['validation_file']} no longer exists", "validation_file")
+            validation = vfile["path"]
         try:
             from .. import train
             from ..errors import TunesmithError
 
             run = train.finetune(
                 file["path"],
+                validation=validation,
                 base=job["model"],
                 out=job["run_dir"],
                 epochs=int(hp["n_epochs"]),
