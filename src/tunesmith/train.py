@@ -422,7 +422,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     before = validate(0, 0.0, 0)
     bar = _Progress(total_steps, enabled=show_progress)
     step, elapsed_tokens, started = 0, 0, time.perf_counter()
-    status, epoch, batch_in_epoch = "succeeded", 0, 0
+    status, epoch, batch_in_epoch, after = "succeeded", 0, 0, {}
     try:
         for epoch in range(cfg.epochs):
             order = np.random.default_rng(cfg.seed + epoch).permutation(len(train_blocks))
@@ -479,8 +479,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     if status == "cancelled":
         checkpoint(step, epoch, batch_in_epoch)
     seconds = time.perf_counter() - started
-    with eager_layers(model):
-        final = evaluate(model, valid_blocks, cfg, device, compute) if status == "succeeded" else None
+    final = after if status == "succeeded" else None  # a finished run ends with a validation
     run.set_status(status, step=step)
     _finish(run, cfg, before, final, seconds, elapsed_tokens)
     emit({"type": "done", "status": status, "path": str(run.path)})
