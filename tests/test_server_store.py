@@ -10,13 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tunesmith.server.app import (
-    APIError,
-    GenerationQueue,
-    JobRequest,
-    QueueFull,
-    resolve_hyperparameters,
-)
+from tunesmith.server.admission import GenerationQueue, QueueFull
+from tunesmith.server.errors import APIError
+from tunesmith.server.routes.jobs import resolve_hyperparameters
+from tunesmith.server.schemas import JobRequest
 from tunesmith.server.commands import check_bind, follow_job, is_loopback, jobs_app, serve_command
 from tunesmith.server.models_cache import ModelCache, parse_bytes
 from tunesmith.server.store import FILE_ID_RE, JOB_ID_RE, Store, new_id
@@ -213,7 +210,8 @@ def test_jobs_cli_lists_shows_cancels_and_follows(store: Store):
 
 
 def test_a_dead_or_broken_worker_never_leaves_jobs_hanging(store: Store):
-    from tunesmith.server.app import ServerConfig, Supervisor
+    from tunesmith.server.config import ServerConfig
+    from tunesmith.server.supervisor import Supervisor
 
     sup = Supervisor(store, ServerConfig(home=store.root, start_worker=False))
     running = _job(store)

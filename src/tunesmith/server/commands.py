@@ -16,8 +16,7 @@ from typing import Optional
 import typer
 
 from ..errors import TunesmithError, reported
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from .store import TERMINAL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +57,7 @@ def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
 
 def _loopback_names(host: str) -> tuple[str, ...]:
     """Host names a browser may use to reach a loopback server (anything else is DNS rebinding)."""
-    from .app import LOOPBACK_HOSTS
+    from .guard import LOOPBACK_HOSTS
 
     return tuple(sorted({*LOOPBACK_HOSTS, host.strip().strip("[]").lower()}))
 

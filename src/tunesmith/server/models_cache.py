@@ -4,6 +4,9 @@ The first request for a model loads it (seconds); later requests reuse it. When 
 would exceed the budget, the least recently used models are dropped (a request still generating
 with a dropped model keeps its own reference until it finishes). A model bigger than the whole
 budget is still loaded, alone.
+
+A source is what ``generate.load`` takes (a base name, a run directory, a path), or a run's
+``checkpoints/step-N`` directory: that checkpoint's weights on the run's base (catalog.py names them).
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable
+
+from ..rundir import Run, is_run_dir
 
 DEFAULT_CACHE_BYTES = 4 * 1024**3
 
@@ -37,14 +43,47 @@ def default_cache_bytes() -> int:
 
 def model_bytes(model: Any) -> int:
     """Bytes held by a loaded model's parameters and buffers (``Model.model`` is the torch module)."""
-    net = getattr(model, "model", model)
     total = 0
     try:
-        for tensor in list(net.parameters()) + list(net.buffers()):
+        for tensor in list(model.model.parameters()) + list(model.model.buffers()):
             total += tensor.numel() * tensor.element_size()
     except Exception:
         return 0
     return total
+
+
+class CheckpointRun(Run):
+    """A run seen with the weights of one of its checkpoints instead of its latest ones."""
+
+    def __init__(self, checkpoint: str | Path):
+        self.checkpoint = Path(checkpoint)
+        super().__init__(self.checkpoint.parent.parent)
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.checkpoint / super().weights_dir.name
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return path.parent.name == "checkpoints" and is_run_dir(path.parent.parent)
+
+
+def load_source(source: str) -> Any:
+    """Load a model for generation: ``generate.load``, or a checkpoint on the run's base."""
+    from ..generate import Model, load
+
+    path = Path(source)
+    if not is_checkpoint_dir(path):
+        return load(source)
+    from ..device import pick_device, pick_dtype, setup_threads
+
+    # as generate.load does for a run directory, with the checkpoint's weights
+    setup_threads()
+    device = pick_device(None)
+    run = CheckpointRun(path)
+    net, tok = run.load_model(dtype=pick_dtype(device, "auto"))
+    net.to(device).eval()
+    return Model(net, tok, name=f"{run.name}:{path.name}", path=path, base=run.config.get("base"))
 
 
 class ModelCache:
@@ -59,11 +98,7 @@ class ModelCache:
         self.loads = 0
 
     def _load(self, source: str) -> Any:
-        if self._loader is not None:
-            return self._loader(source)
-        from ..generate import load
-
-        return load(source)
+        return (self._loader or load_source)(source)
 
     @property
     def used_bytes(self) -> int:

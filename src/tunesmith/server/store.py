@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import secrets
 import sqlite3
@@ -23,11 +22,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..home import home
+from ..rundir import Run, is_run_dir
 
 FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24}$")
 JOB_ID_RE = re.compile(r"^ftjob-[0-9a-f]{24}$")
 TERMINAL = ("succeeded", "failed", "cancelled")
-ACTIVE = ("validating_files", "queued", "running")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -412,7 +411,7 @@ class Store:
                 return []  # a worker is alive; its jobs are really running
         try:
             with self._connect() as db:
-                rows = db.execute("SELECT id, worker_pid FROM jobs WHERE status='running'").fetchall()
+                rows = db.execute("SELECT id, worker_pid, run_dir FROM jobs WHERE status='running'").fetchall()
             reaped = []
             for row in rows:
                 pid = row["worker_pid"]
@@ -423,6 +422,7 @@ class Store:
                 )
                 self.finish_job(row["id"], "failed", error={"code": "server_stopped", "message": message, "param": None})
                 self.add_event(row["id"], message, level="error")
+                mark_run_failed(row["run_dir"], message)
                 reaped.append(row["id"])
             return reaped
         finally:
@@ -430,16 +430,15 @@ class Store:
                 fh.close()
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def mark_run_failed(run_dir: str | None, message: str) -> None:
+    """A failed job's run directory says ``failed`` too: after a crash its status.json may still say
+    ``running``, and a worker stopped with its server leaves it ``cancelled``."""
+    if not run_dir or not is_run_dir(run_dir):
+        return
+    run = Run(run_dir)
+    state = run.state
+    if state.get("status") not in ("failed", "succeeded"):
+        run.set_status("failed", step=state.get("step"), error=message)
 
 
 # -- row -> API object ---------------------------------------------------------------------------
@@ -504,13 +503,17 @@ def job_object(job: dict) -> dict:
     }
 
 
-def checkpoint_object(job: dict, row: dict) -> dict:
+def checkpoint_model_id(job: dict, step: int) -> str:
     base = job["fine_tuned_model"] or fine_tuned_model_id(job["model"], job["suffix"], job["id"])
+    return f"{base}:ckpt-step-{step}"
+
+
+def checkpoint_object(job: dict, row: dict) -> dict:
     return {
         "object": "fine_tuning.job.checkpoint",
         "id": row["id"],
         "created_at": row["created_at"],
-        "fine_tuned_model_checkpoint": f"{base}:ckpt-step-{row['step']}",
+        "fine_tuned_model_checkpoint": checkpoint_model_id(job, row["step"]),
         "fine_tuning_job_id": job["id"],
         "metrics": row["metrics"],
         "step_number": row["step"],

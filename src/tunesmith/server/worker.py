@@ -6,6 +6,7 @@ goes to the SQLite store; cancellation is a flag in the store that ``should_stop
 
 SIGINT/SIGTERM (Ctrl-C on ``tunesmith serve``, or the server shutting down) stop training cleanly
 after the current step: a checkpoint is saved and the job is marked failed with a restart hint.
+So does the death of the server that started it (``--parent-pid``, see lifeline.py).
 If the worker is killed outright, the next server to start sees the free lock and marks the job failed.
 """
 
@@ -20,7 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .store import Store, fine_tuned_model_id, restart_hint
+from .lifeline import watch_parent
+from .store import Store, fine_tuned_model_id, mark_run_failed, restart_hint
 
 POLL_SECONDS = 0.5
 
@@ -177,13 +179,14 @@ class JobRunner:
             return self._fail("server_stopped",
                               f"the server stopped while this job was running (training stopped cleanly at "
                               f"step {self.step}); restart it with {restart_hint(job_id)}", None)
-        error = getattr(run, "state", {}).get("error") if hasattr(run, "state") else None
+        error = run.state.get("error")
         return self._fail("training_error", f"training ended with status '{status}'" + (f": {error}" if error else ""), None)
 
     def _fail(self, code: str, message: str, param: str | None) -> str:
         self.store.finish_job(self.job_id, "failed", error={"code": code, "message": message, "param": param},
                               trained_tokens=self.trained_tokens)
         self.store.add_event(self.job_id, message, level="error")
+        mark_run_failed(self.job["run_dir"], message)
         return "failed"
 
 
@@ -223,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunesmith.server.worker")
     parser.add_argument("--home", required=True, help="the TUNESMITH_HOME whose queue to run")
     parser.add_argument("--idle-exit", type=float, default=3.0, help="exit after this many idle seconds")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the server) ends")
     args = parser.parse_args(argv)
     os.environ["TUNESMITH_HOME"] = str(Path(args.home).resolve())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid, interrupted)
     store = Store(os.environ["TUNESMITH_HOME"])
     serve_queue(store, idle_exit=args.idle_exit, interrupted=interrupted)
     return 0

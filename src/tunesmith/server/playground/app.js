@@ -317,7 +317,8 @@ function clearChat() {
 // ---------------------------------------------------------------------------------------------
 // Fine-tuning jobs
 
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+// The statuses after which a job never changes: the server says which (GET /config).
+const TERMINAL = new Set();
 
 function fmtTime(ts) {
   if (!ts) return "";
@@ -615,6 +616,7 @@ async function init() {
     if (cfg.auth_required) $("#keybox").classList.remove("hidden");
     if (cfg.max_tokens) $("#max-tokens").max = cfg.max_tokens;
     if (cfg.max_upload_bytes) $("#max-upload").textContent = Math.round(cfg.max_upload_bytes / 1048576) + " MB";
+    for (const status of cfg.job_final_statuses || []) TERMINAL.add(status);
   } catch (_) { /* an older server: carry on */ }
   if (state.authRequired && !localStorage.getItem(KEY_STORE)) needKey("This server needs an API key.");
   const start = (location.hash || "#write").slice(1);
