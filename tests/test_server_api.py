@@ -294,3 +294,79 @@ def test_finished_run_directories_are_listed_as_models(client, tunesmith_home):
     assert models["tiny-llama"]["owned_by"] == "tunesmith"
     assert client.get("/v1/models/my-sonnets").json()["id"] == "my-sonnets"
     assert _error(client.get("/v1/models/half-done"), 404)["code"] == "model_not_found"
+
+
+def test_prompt_token_ids_must_be_in_the_vocabulary(client, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    vocab = len(tok)
+    for ids, bad, position in (([-1], -1, 0), ([2**40], 2**40, 0), ([vocab], vocab, 0), ([5, 6, vocab + 7], vocab + 7, 2)):
+        err = _error(client.post("/v1/completions", json={"model": "tiny-llama", "prompt": ids, "max_tokens": 1}), 400)
+        assert err["param"] == "prompt" and err["code"] == "invalid_value"
+        assert f"token id {bad} at position {position}" in err["message"] and f"0 to {vocab - 1}" in err["message"]
+    assert client.app.state.queue.admitted == 0  # the refused requests gave their slots back
+    ids = tok.encode("The harbour at night", add_special_tokens=False)
+    ok = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": ids + [vocab - 1], "max_tokens": 1,
+                                              "echo": True, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["text"].startswith("The harbour at night" + tok.decode([vocab - 1]))
+
+
+def test_an_empty_body_says_what_is_missing(client):
+    for route, needed in (("/v1/completions", ["'model'"]), ("/v1/chat/completions", ["'model'", "'messages'"]),
+                          ("/v1/fine_tuning/jobs", ["'model'", "'training_file'"])):
+        err = _error(client.post(route, content=b"", headers={"content-type": "application/json"}), 400)
+        assert err["code"] == "missing_required_parameter" and "None" not in err["message"]
+        assert "request body is missing" in err["message"] and all(n in err["message"] for n in needed), err
+
+
+def test_checkpoint_ids_are_served_as_models(client, tunesmith_home):
+    """Each fine_tuned_model_checkpoint id that /checkpoints lists answers as a model with that
+    checkpoint's weights: the same as a run directory holding those weights as its adapter."""
+    import shutil
+
+    from test_server_live import story
+    from tunesmith.server.store import Store
+    from tunesmith.server.worker import JobRunner
+
+    file_id = client.post("/v1/files", files={"file": ("s.txt", story(6).encode())},
+                          data={"purpose": "fine-tune"}).json()["id"]
+    hp = {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 20}  # one step per epoch, big steps
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "suffix": "ck",
+                                                    "seed": 1, "hyperparameters": hp}).json()
+    store = Store(tunesmith_home)
+    claimed = store.claim_next_job(pid=1)
+    assert JobRunner(store, claimed, threading.Event()).run() == "succeeded"
+    tuned = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["fine_tuned_model"]
+    listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    ids = {c["step_number"]: c["fine_tuned_model_checkpoint"] for c in listed}
+    assert ids == {s: f"{tuned}:ckpt-step-{s}" for s in (1, 2)}
+
+    # a reference: a finished run directory whose adapter is step 1's, served by its name
+    run_dir = tunesmith_home / "runs" / job["id"]
+    ref = tunesmith_home / "runs" / "ref-step-1"
+    shutil.copytree(run_dir, ref)
+    shutil.rmtree(ref / "adapter")
+    shutil.copytree(run_dir / "checkpoints" / "step-000001" / "adapter", ref / "adapter")
+
+    def logprobs(model: str) -> list[float]:
+        body = {"model": model, "prompt": "The quiet river", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+        resp = client.post("/v1/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"] == model
+        return resp.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+    assert logprobs(ids[2]) == logprobs(tuned)  # the last checkpoint is the final adapter
+    assert logprobs(ids[1]) == logprobs("ref-step-1")
+    assert logprobs(ids[1]) != logprobs(ids[2])
+    shown = client.get(f"/v1/models/{ids[1]}").json()
+    assert shown["id"] == ids[1] and shown["kind"] == "checkpoint" and shown["job"] == job["id"]
+    # a run keeps only its latest checkpoints: one that was pruned says so (even when it was loaded before)
+    shutil.rmtree(run_dir / "checkpoints" / "step-000001")
+    err = _error(client.post("/v1/completions", json={"model": ids[1], "prompt": "x", "max_tokens": 1}), 404)
+    assert err["code"] == "model_not_found" and "no longer keeps its checkpoint at step 1" in err["message"]
+    err = _error(client.post("/v1/completions", json={"model": f"{tuned}:ckpt-step-9", "prompt": "x"}), 404)
+    assert err["param"] == "model"
+    other = "ft:tiny-llama:zz:" + job["id"] + ":ckpt-step-2"  # the right job and step under another name
+    assert _error(client.get(f"/v1/models/{other}"), 404)["code"] == "model_not_found"

@@ -3,6 +3,7 @@ fine-tuning jobs end to end, cancellation, auth, errors, and durability across a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -248,10 +249,59 @@ def test_jobs_survive_a_killed_server(servers, tunesmith_home):
     assert failed.status == "failed"  # found at startup, never left "running"
     assert "the server stopped while this job was running" in failed.error.message
     assert f"tunesmith jobs retry {long_job.id}" in failed.error.message
+    state = json.loads((tunesmith_home / "runs" / long_job.id / "status.json").read_text())
+    assert state["status"] == "failed" and state["error"] == failed.error.message  # the run agrees with the job
     assert {f.id for f in client.files.list()} == {big.id, small.id}
     done = wait_for(client, queued.id)
     assert done.status == "succeeded" and done.fine_tuned_model
     assert [j.id for j in client.fine_tuning.jobs.list(limit=10)] == [queued.id, long_job.id]
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie left for a non-reaping init counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def test_the_worker_stops_with_its_server(servers, tunesmith_home):
+    """SIGKILL of the server alone: its training worker stops too, after a clean last step; the job is
+    failed with a restart hint and its run directory says failed as well."""
+    from tunesmith.server.store import Store
+
+    server = servers()
+    client = server.client()
+    big = client.files.create(file=("long.txt", story(120, seed=4).encode()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=big.id,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    deadline = time.monotonic() + 120
+    while not any(e.type == "metrics" for e in all_events(client, job.id)):
+        assert time.monotonic() < deadline, "the job never started training"
+        time.sleep(0.3)
+    store = Store(tunesmith_home)
+    worker = store.get_job(job.id)["worker_pid"]
+    assert worker and _alive(worker)
+
+    os.kill(server.proc.pid, signal.SIGKILL)  # the server only, not its process group
+    server.proc.wait(10)
+    deadline = time.monotonic() + 60
+    while _alive(worker):
+        assert time.monotonic() < deadline, "the training worker outlived its server"
+        time.sleep(0.2)
+    row = store.get_job(job.id)
+    assert row["status"] == "failed" and row["error"]["code"] == "server_stopped"
+    assert f"tunesmith jobs retry {job.id}" in row["error"]["message"]
+    state = json.loads((tunesmith_home / "runs" / job.id / "status.json").read_text())
+    assert state["status"] == "failed" and state["error"] == row["error"]["message"]
+    assert store.list_checkpoints(job.id)[0]  # it saved a checkpoint as it stopped
 
 
 @pytest.mark.real_model

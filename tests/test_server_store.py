@@ -231,3 +231,42 @@ def test_a_dead_or_broken_worker_never_leaves_jobs_hanging(store: Store):
     job = store.get_job(queued["id"])
     assert job["status"] == "failed" and "could not start" in job["error"]["message"]
     assert "ImportError: no module named torch" in job["error"]["message"]
+
+
+def test_a_failed_job_and_its_run_directory_agree(store: Store):
+    """After the server and its worker die, a job found running is failed, and so is its run."""
+    import json
+    from pathlib import Path
+
+    from tunesmith.server.config import ServerConfig
+    from tunesmith.server.supervisor import Supervisor
+
+    def run_dir(job: dict, status: str) -> Path:
+        path = Path(job["run_dir"])
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"tunesmith_run": 1, "base": "tiny-llama"}))
+        (path / "status.json").write_text(json.dumps({"status": status, "step": 7}))
+        return path
+
+    reaped = _job(store)
+    store.claim_next_job(pid=999_999)
+    path = run_dir(reaped, "running")
+    assert store.reap_stale_jobs() == [reaped["id"]]
+    job = store.get_job(reaped["id"])
+    state = json.loads((path / "status.json").read_text())
+    assert job["status"] == state["status"] == "failed" and state["step"] == 7
+    assert state["error"] == job["error"]["message"]
+    # a worker that the supervisor sees die: the same
+    died = _job(store)
+    store.claim_next_job(pid=31337)
+    path = run_dir(died, "running")
+    Supervisor(store, ServerConfig(home=store.root, start_worker=False))._worker_exited(31337, -9)
+    job = store.get_job(died["id"])
+    state = json.loads((path / "status.json").read_text())
+    assert job["status"] == state["status"] == "failed" and state["error"] == job["error"]["message"]
+    # a finished run is left as it is
+    done = _job(store)
+    store.claim_next_job(pid=4)
+    path = run_dir(done, "succeeded")
+    store.reap_stale_jobs()
+    assert json.loads((path / "status.json").read_text())["status"] == "succeeded"
