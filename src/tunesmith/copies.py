@@ -56,12 +56,13 @@ _CLOSING = ".,;:!?\"')]\u201d\u2019\u2026"
 _NOT_ALNUM = re.compile(r"[\W_]+")
 _NON_SPACE = re.compile(r"\S+")
 # A chapter heading: a keyword and a number ("CHAPTER IV", "ADVENTURE I. A SCANDAL IN BOHEMIA"),
-# or a Roman numeral and a title ("I. A SCANDAL IN BOHEMIA"). A bare numeral ("II.") is a section.
-_HEADING = re.compile(
-    r"^(?:(?:chapter|book|part|adventure|volume|stave|canto|act|letter|section)\s+(?:[ivxlcdm]+|\d+|[a-z]+)\b.*"
-    r"|[IVXLCDM]+\.\s+[^a-z]*[A-Za-z].*)$",
+# or a Roman numeral and a title in capitals ("IX. THE ADVENTURE OF THE ENGINEER'S THUMB").
+# A bare numeral ("II.") is a section, used only in a book without chapter headings.
+_CHAPTER = re.compile(
+    r"^(?:chapter|book|part|adventure|volume|stave|canto|act|letter|section)\s+(?:[ivxlcdm]+|\d+|[a-z]+)\b.*$",
     re.IGNORECASE,
 )
+_NUMBERED_TITLE = re.compile(r"^(?:[IVXLCDM]+|\d+)\.\s+[^a-z]*[A-Z][^a-z]*$")
 _SECTION = re.compile(r"^(?:[IVXLCDM]+|\d+)\.?$")
 
 
@@ -69,9 +70,10 @@ _SECTION = re.compile(r"^(?:[IVXLCDM]+|\d+)\.?$")
 class Location:
     """Where a copied span is in the original source file."""
 
-    line: int  # 1-based line in the original source file
+    line: int  # 1-based line in the original source file where the span starts
     heading: str | None  # nearest chapter heading above it, when the book has headings
     file: str  # source file name
+    end_line: int | None = None  # the line where it ends
 
 
 @dataclass
@@ -215,7 +217,7 @@ def _headings(lines: list[str]) -> list[tuple[int, str]]:
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if text and not previous and len(text) <= 70:
-            if _HEADING.match(text) and not text.endswith((",", ";")):
+            if (_CHAPTER.match(text) or _NUMBERED_TITLE.match(text)) and not text.endswith((",", ";")):
                 chapters.append((number, text))
             elif _SECTION.match(text):
                 sections.append((number, text))
@@ -370,8 +372,12 @@ def tokenize_corpus(rows: Iterable[str], tokenizer: Any, joined: bool, sep: int)
 
     def flush() -> None:
         nonlocal total
-        for ids in _encode_rows(tokenizer, batch):
-            starts.append(total)
+        encoded = iter(_encode_rows(tokenizer, [text for text in batch if text]))
+        for text in batch:
+            starts.append(total)  # an empty row has no tokens, but keeps its number
+            if not text:
+                continue
+            ids = next(encoded)
             if not joined:
                 ids = ids + [sep]
             arr = np.asarray(ids, dtype=dtype)
@@ -382,10 +388,8 @@ def tokenize_corpus(rows: Iterable[str], tokenizer: Any, joined: bool, sep: int)
     first = True
     for text in rows:
         text = _normalise(text)
-        if not text:
-            continue
-        batch.append(text if (first or not joined) else " " + text)
-        first = False
+        batch.append(text if (first or not joined or not text) else " " + text)
+        first = first and not text
         if len(batch) >= _BATCH_ROWS:
             flush()
     if batch:
@@ -475,7 +479,7 @@ class CopyIndex:
     def _build(src: _Source, tokenizer: Any, want: dict) -> dict:
         sep = _separator(tokenizer)
         tokens, rows = tokenize_corpus(_rows(src), tokenizer, joined=src.kind == "book", sep=sep)
-        if len(rows) == 0:
+        if len(tokens) == 0:
             raise TunesmithError("the training data has no text to compare with", file=src.data)
         sa = suffix_array(tokens)
         meta = {**want, "separator": sep, "tokens": int(len(tokens)), "rows": int(len(rows)), "kind": src.kind,
@@ -652,7 +656,7 @@ class CopyIndex:
                 continue
             start, end = query.original_offset(a), query.original_offset(b, end=True)
             span_text = query.original[start:end]
-            locations = [self._locate(pos, offset) for pos, offset in hits[:MAX_LOCATIONS]]
+            locations = [self._locate(pos, offset, span_text) for pos, offset in hits[:MAX_LOCATIONS]]
             out.append((
                 Span(text=span_text, start=start, end=end, n_tokens=t1 - t0, n_words=len(span_text.split()),
                      count=int(count), locations=locations),
@@ -745,7 +749,7 @@ class CopyIndex:
             self._row_pos[row] = found
         return self._row_pos[row]
 
-    def _locate(self, pos: int, offset: int) -> Location:
+    def _locate(self, pos: int, offset: int, text: str) -> Location:
         row = self._row_of(pos)
         smap = self._source()
         if smap is not None:
@@ -756,10 +760,12 @@ class CopyIndex:
                     before = before[:offset] if -offset <= len(before) else ""
                 else:
                     before += self._decode(pos, pos + _CONTEXT_TOKENS)[:offset]
-                line = smap.line_at(start + len(_alnum(before)))
-                return Location(line=line, heading=smap.heading_at(line), file=smap.name)
+                first = start + len(_alnum(before))
+                line = smap.line_at(first)
+                end_line = smap.line_at(first + max(0, len(_alnum(text)) - 1))
+                return Location(line=line, heading=smap.heading_at(line), file=smap.name, end_line=end_line)
         name = self.source.display if self.source else "corpus"
-        return Location(line=row + 1, heading=None, file=name)
+        return Location(line=row + 1, heading=None, file=name, end_line=row + 1)
 
 
 def _separator(tokenizer: Any) -> int:
