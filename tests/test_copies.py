@@ -319,3 +319,97 @@ def test_bad_input_is_a_clear_error(index, tmp_path):
         CopyIndex.open(tmp_path)
     with pytest.raises(TunesmithError, match="no such file"):
         CopyIndex.open(tmp_path / "missing")
+
+
+# --- the command line -----------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    from tunesmith.cli import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_copies_command_prints_spans_and_summary(sherlock, tmp_path):
+    text = f"{OWN[0]} {THE_WOMAN} {OWN[1]}"
+    result = _invoke("copies", sherlock, text)
+    assert result.exit_code == 0, result.output
+    assert "1 span of 12+ tokens" in result.output
+    assert "sherlock.txt lines 62-63 (ADVENTURE I. A SCANDAL IN BOHEMIA)" in result.output
+    assert " ".join(THE_WOMAN.split()) in result.output
+    assert "novel (not in the training text): 4-grams" in result.output
+
+    sample = tmp_path / "sample.txt"
+    sample.write_text(text, encoding="utf-8")
+    as_json = _invoke("copies", sherlock, "--file", sample, "--json", "--min-tokens", "20")
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.output)
+    assert report["min_tokens"] == 20
+    (span,) = report["spans"]
+    assert span["text"] == THE_WOMAN and span["locations"][0]["line"] == 62
+    assert text[span["start"] : span["end"]] == THE_WOMAN
+    assert set(report["novelty"]) == {"4", "8", "16", "32"}
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["copies", "{data}"], "no text to check"),
+        (["copies", "{data}", "   "], "empty"),
+        (["copies", "{data}", "text", "--file", "x.txt"], "not both"),
+        (["copies", "{data}", "--file", "{tmp}/missing.txt"], "missing.txt"),
+        (["copies", "{tmp}/nowhere", "some text"], "no such file"),
+        (["copies", "{run}", "some text"], "no data/train.jsonl"),
+        (["copies", "{data}", "some text", "--min-tokens", "0"], "min tokens"),
+    ],
+)
+def test_copies_command_bad_input_exits_nonzero_without_traceback(sherlock, tmp_path, args, expect):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"tunesmith_run": 1}))
+    args = [a.format(data=sherlock, tmp=tmp_path, run=run) for a in args]
+    result = _invoke(*args)
+    assert result.exit_code != 0
+    assert expect in result.output
+    assert "Traceback" not in result.output
+
+
+class _Chunk:
+    def __init__(self, text):
+        self.text = text
+
+
+class _FakeModel:
+    """Stands in for a loaded model: its 'generation' is fixed text."""
+
+    name, base = "run", None
+
+    def __init__(self, text):
+        self.text = text
+
+    def stream(self, prompt, **sampling):
+        for word in self.text.split(" "):
+            yield _Chunk(word + " ")
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]
+
+
+def test_generate_check_copying_marks_copied_spans(sherlock, index, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"tunesmith_run": 1}))
+    for name in ("train.jsonl", "report.json"):
+        shutil.copy(sherlock / name, run / "data" / name)
+    flat = " ".join(SWANDAM.split())
+    monkeypatch.setattr("tunesmith.generate.load", lambda model: _FakeModel(f"{OWN[0]} {flat} {OWN[1]}"))
+    result = _invoke("generate", run, "Once", "--check-copying")
+    assert result.exit_code == 0, result.output
+    assert f"{OWN[0]} [[{flat}]] {OWN[1]}" in result.output  # piped: marked with brackets
+    n_tokens = len(index.tokenizer.encode(" " + flat, add_special_tokens=False).ids)
+    assert f"longest {n_tokens} tokens ({len(flat.split())} words)" in result.output
+    assert "sherlock.txt lines 5205-5209" in result.output
+    plain = _invoke("generate", tmp_path / "not-a-run", "Once", "--check-copying")
+    assert plain.exit_code != 0 and "needs a run directory" in plain.output

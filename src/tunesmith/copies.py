@@ -801,3 +801,72 @@ def novelty_from_lengths(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) ->
 def find_copies(source: str | Path, text: str, min_tokens: int = 12) -> CopyReport:
     """``CopyIndex.open(source).check(text, min_tokens)``."""
     return CopyIndex.open(source).check(text, min_tokens=min_tokens)
+
+
+# --- showing a report -----------------------------------------------------------------------
+
+
+def marked_pieces(text: str, spans: list[Span]) -> list[tuple[str, bool]]:
+    """``text`` cut into ``(piece, copied)`` pieces; overlapping spans are marked as one."""
+    regions: list[list[int]] = []
+    for span in sorted(spans, key=lambda s: s.start):
+        if regions and span.start <= regions[-1][1]:
+            regions[-1][1] = max(regions[-1][1], span.end)
+        else:
+            regions.append([span.start, span.end])
+    pieces, pos = [], 0
+    for start, end in regions:
+        if start > pos:
+            pieces.append((text[pos:start], False))
+        pieces.append((text[start:end], True))
+        pos = end
+    if pos < len(text):
+        pieces.append((text[pos:], False))
+    return pieces
+
+
+def mark_text(text: str, spans: list[Span], left: str = "[[", right: str = "]]") -> str:
+    """``text`` with every copied region between ``left`` and ``right``."""
+    return "".join(f"{left}{piece}{right}" if copied else piece for piece, copied in marked_pieces(text, spans))
+
+
+def describe_location(where: Location) -> str:
+    lines = f"line {where.line}" if where.end_line in (None, where.line) else f"lines {where.line}-{where.end_line}"
+    text = f"{where.file} {lines}"
+    return f"{text} ({where.heading})" if where.heading else text
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def format_summary(report: CopyReport) -> str:
+    """Two lines: copy rate and longest span, then novelty."""
+    if report.spans:
+        longest = report.longest
+        first = (
+            f"copied: {_percent(report.copy_rate)} of {report.n_tokens:,} tokens in {len(report.spans)} "
+            f"span{'s' if len(report.spans) != 1 else ''} of {report.min_tokens}+ tokens; longest "
+            f"{longest.n_tokens} tokens ({longest.n_words} words)"
+        )
+        if longest.locations:
+            first += ", " + describe_location(longest.locations[0])
+    else:
+        first = f"copied: nothing ({report.n_tokens:,} tokens, no span of {report.min_tokens}+ tokens in the training text)"
+    if report.novelty:
+        novel = "  ".join(f"{n}-grams {_percent(v)}" for n, v in report.novelty.items())
+        return f"{first}\nnovel (not in the training text): {novel}"
+    return first
+
+
+def format_report(report: CopyReport) -> str:
+    """The summary, then every span with its size, count and locations (plain text)."""
+    lines = [format_summary(report)]
+    for number, span in enumerate(report.spans, start=1):
+        times = "once" if span.count == 1 else f"{span.count:,} times"
+        lines.append("")
+        lines.append(f"{number}. {span.n_tokens} tokens, {span.n_words} words, {times} in the training text")
+        for where in span.locations:
+            lines.append(f"   at {describe_location(where)}")
+        lines.append("   " + " ".join(span.text.split()))
+    return "\n".join(lines)
