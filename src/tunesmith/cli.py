@@ -242,7 +242,8 @@ def _write_sample(chunks, copy_index) -> None:
     else:
         sys.stdout.write("".join(f"[[{p}]]" if c else p for p, c in marked_pieces(sample, report.spans)) + "\n")
         sys.stdout.flush()
-    out.print(format_summary(report), style="dim" if out.is_terminal else None, highlight=False, markup=False)
+    out.print(format_summary(report), style="dim" if out.is_terminal else None, highlight=False, markup=False,
+              soft_wrap=True)
 
 
 @app.command()
