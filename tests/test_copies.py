@@ -238,7 +238,7 @@ def test_index_is_reused_when_reloaded_and_rebuilt_when_the_data_changes(sherloc
     stamp = stored.stat().st_mtime_ns
     again = CopyIndex.open(data)
     assert stored.stat().st_mtime_ns == stamp  # not rebuilt
-    assert isinstance(again.sa, np.memmap)
+    assert isinstance(again.sa.base, np.memmap)  # read from the file, not loaded
     assert again.check(THE_WOMAN).spans[0].locations[0].line == 62
     new = "Quentin the lighthouse keeper counted forty seven gulls on the rusty railing before breakfast."
     rows = (data / "train.jsonl").read_text(encoding="utf-8")
