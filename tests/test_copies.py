@@ -413,3 +413,19 @@ def test_generate_check_copying_marks_copied_spans(sherlock, index, tmp_path, mo
     assert "sherlock.txt lines 5205-5209" in result.output
     plain = _invoke("generate", tmp_path / "not-a-run", "Once", "--check-copying")
     assert plain.exit_code != 0 and "needs a run directory" in plain.output
+
+
+def test_records_are_located_by_their_line_in_the_file(tmp_path, real_base_dir, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(real_base_dir.parent, target_is_directory=True)
+    rows = [
+        {"prompt": "Describe the weather.", "completion": " Grey clouds rolled over the hills all morning."},
+        {"prompt": "Describe the market.", "completion": " Stalls of apples, pears and plums stood in long rows beside the church wall."},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    text = "In the square, stalls of apples, pears and plums stood in long rows beside the church wall."
+    (span,) = find_copies(data, text).spans
+    assert span.text == "stalls of apples, pears and plums stood in long rows beside the church wall."
+    assert (span.locations[0].file, span.locations[0].line, span.locations[0].heading) == ("pairs.jsonl", 2, None)

@@ -777,6 +777,9 @@ class CopyIndex:
                 else:
                     before += self._decode(pos, pos + _CONTEXT_TOKENS)[:offset]
                 first = start + len(_alnum(before))
+            else:  # the example is not in the file as it is (a chat template around it): find the words
+                first = smap.stream.find(_alnum(text))
+            if first >= 0:
                 line = smap.line_at(first)
                 end_line = smap.line_at(first + max(0, len(_alnum(text)) - 1))
                 return Location(line=line, heading=smap.heading_at(line), file=smap.name, end_line=end_line)
