@@ -244,8 +244,10 @@ def test_index_is_reused_when_reloaded_and_rebuilt_when_the_data_changes(sherloc
     rows = (data / "train.jsonl").read_text(encoding="utf-8")
     (data / "train.jsonl").write_text(rows + json.dumps({"text": new}) + "\n", encoding="utf-8")
     assert first.check(new).spans == []
-    rebuilt = CopyIndex.open(data)
+    said = []
+    rebuilt = CopyIndex.open(data, say=said.append)
     assert stored.stat().st_mtime_ns != stamp
+    assert len(said) == 1 and "again (the training data has changed)" in said[0]
     (span,) = rebuilt.check(new).spans
     assert span.text == new
     assert json.loads((data / "copies" / "meta.json").read_text())["tokens"] == len(rebuilt.tokens)
@@ -256,6 +258,19 @@ def test_a_damaged_index_is_rebuilt(sherlock, tmp_path):
     shutil.copytree(sherlock, data)
     (data / "copies" / "sa.npy").write_bytes(b"not an array")
     assert CopyIndex.open(data).check(THE_WOMAN).spans[0].locations[0].line == 62
+
+
+def test_an_index_that_cannot_be_stored_is_kept_in_memory(sherlock, tmp_path, monkeypatch):
+    data = tmp_path / "book.prepared"
+    shutil.copytree(sherlock, data, ignore=shutil.ignore_patterns("copies"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tunesmith.copies.atomic_dir", refuse)
+    index = CopyIndex.open(data)
+    assert not (data / "copies").exists()
+    assert index.check(THE_WOMAN).spans[0].locations[0].line == 62
 
 
 def test_a_run_dir_reads_its_data(sherlock, tmp_path):
@@ -345,12 +360,14 @@ def test_copies_command_prints_spans_and_summary(sherlock, tmp_path):
     sample.write_text(text, encoding="utf-8")
     as_json = _invoke("copies", sherlock, "--file", sample, "--json", "--min-tokens", "20")
     assert as_json.exit_code == 0, as_json.output
-    report = json.loads(as_json.output)
+    report = json.loads(as_json.stdout)
     assert report["min_tokens"] == 20
     (span,) = report["spans"]
     assert span["text"] == THE_WOMAN and span["locations"][0]["line"] == 62
     assert text[span["start"] : span["end"]] == THE_WOMAN
     assert set(report["novelty"]) == {"4", "8", "16", "32"}
+    novel, total = report["ngrams"]["8"]
+    assert report["novelty"]["8"] == pytest.approx(novel / total) and total == report["n_tokens"] - 7
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -100,6 +100,8 @@ class CopyReport:
     novelty: dict[int, float]  # n -> share of the text's n-grams not in the corpus (n longer than the text: left out)
     n_tokens: int
     min_tokens: int = 12
+    # n -> (novel n-grams, all n-grams): to pool novelty over several texts, add these up
+    ngrams: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -108,6 +110,7 @@ class CopyReport:
             "copy_rate": self.copy_rate,
             "longest": asdict(self.longest) if self.longest else None,
             "novelty": {str(n): v for n, v in self.novelty.items()},
+            "ngrams": {str(n): list(v) for n, v in self.ngrams.items()},
             "spans": [asdict(s) for s in self.spans],
         }
 
@@ -452,9 +455,10 @@ class CopyIndex:
     # -- opening and building --
 
     @classmethod
-    def open(cls, source: str | Path, rebuild: bool = False) -> "CopyIndex":
+    def open(cls, source: str | Path, rebuild: bool = False, say: Callable[[str], None] | None = None) -> "CopyIndex":
         """The index of a run dir (its ``data/train.jsonl``), a prepared dir or any file ``prepare``
-        accepts: built on first use, and again whenever the data or the tokenizer has changed."""
+        accepts: built on first use, and again whenever the data or the tokenizer has changed.
+        ``say`` (optional) is told when the index is being built, which can take a while."""
         src = _resolve(source)
         tokenizer = _load_tokenizer(src.tokenizer_file)
         want = {
@@ -463,9 +467,14 @@ class CopyIndex:
             "tokenizer_hash": _hash_file(src.tokenizer_file),
         }
         meta = None if rebuild else _read_meta(src.index_dir)
-        if meta is None or any(meta.get(k) != v for k, v in want.items()):
-            meta = cls._build(src, tokenizer, want)
         for attempt in (1, 2):
+            if meta is None or any(meta.get(k) != v for k, v in want.items()):
+                if say is not None:
+                    stale = "" if meta is None else " again (the training data has changed)"
+                    say(f"building the copy index of {src.data}{stale} ...")
+                meta, built = cls._build(src, tokenizer, want)
+                if built is not None:  # the directory is not writable: keep the index in memory
+                    return cls(*built, tokenizer, int(meta["separator"]), src, meta)
             try:
                 tokens = np.load(src.index_dir / "tokens.npy", mmap_mode="r")
                 sa = np.load(src.index_dir / "sa.npy", mmap_mode="r")
@@ -475,12 +484,12 @@ class CopyIndex:
                     return cls(tokens, sa, rows, tokenizer, int(meta["separator"]), src, meta, buckets)
             except (OSError, ValueError):
                 pass
-            if attempt == 1:  # damaged files (a disk filled up, a file edited by hand): build again
-                meta = cls._build(src, tokenizer, want)
+            meta = None  # damaged files (a disk that filled up, a file edited by hand): build again
         raise TunesmithError("the copy index cannot be read back after building it", file=src.index_dir)
 
     @staticmethod
-    def _build(src: _Source, tokenizer: Any, want: dict) -> dict:
+    def _build(src: _Source, tokenizer: Any, want: dict) -> tuple[dict, tuple | None]:
+        """Build and store the index; returns its meta, and the arrays when they could not be stored."""
         sep = _separator(tokenizer)
         started = time.perf_counter()
         tokens, rows = tokenize_corpus(_rows(src), tokenizer, joined=src.kind == "book", sep=sep)
@@ -489,6 +498,7 @@ class CopyIndex:
         tokenized = time.perf_counter()
         sa = suffix_array(tokens)
         sorted_at = time.perf_counter()
+        buckets = first_token_buckets(tokens, sep)
         meta = {**want, "separator": sep, "tokens": int(len(tokens)), "rows": int(len(rows)), "kind": src.kind,
                 "source": str(src.original) if src.original else None}
         try:
@@ -496,16 +506,16 @@ class CopyIndex:
                 np.save(tmp / "tokens.npy", tokens)
                 np.save(tmp / "sa.npy", sa)
                 np.save(tmp / "rows.npy", rows)
-                np.save(tmp / "buckets.npy", first_token_buckets(tokens, sep))
+                np.save(tmp / "buckets.npy", buckets)
                 meta["build_seconds"] = {
                     "tokenize": round(tokenized - started, 3),
                     "suffix_array": round(sorted_at - tokenized, 3),
                     "write": round(time.perf_counter() - sorted_at, 3),
                 }
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise TunesmithError(f"cannot write the copy index: {exc.strerror or exc}", file=src.index_dir) from None
-        return meta
+        except OSError:
+            return meta, (tokens, sa, rows)
+        return meta, None
 
     @classmethod
     def from_texts(cls, texts: list[str], tokenizer: Any, joined: bool = False) -> "CopyIndex":
@@ -535,6 +545,7 @@ class CopyIndex:
             novelty=novelty_from_lengths(lengths, NOVELTY_NS),
             n_tokens=m,
             min_tokens=min_tokens,
+            ngrams=ngram_counts(lengths, NOVELTY_NS),
         )
 
     def novelty(self, text: str, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
@@ -813,14 +824,15 @@ def _read_meta(index_dir: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def novelty_from_lengths(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
-    """Share of n-grams starting at each position that are not in the corpus (``L[i] < n``)."""
+def ngram_counts(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) -> dict[int, tuple[int, int]]:
+    """For each n: how many of the text's n-grams are not in the corpus (``L[i] < n``), and how many there are."""
     m = len(lengths)
-    out = {}
-    for n in ns:
-        if m >= n:
-            out[int(n)] = float(np.mean(np.asarray(lengths[: m - n + 1]) < n))
-    return out
+    return {int(n): (int(np.sum(np.asarray(lengths[: m - n + 1]) < n)), m - n + 1) for n in ns if m >= n}
+
+
+def novelty_from_lengths(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
+    """Share of the text's n-grams that are not in the corpus; an n longer than the text is left out."""
+    return {n: novel / total for n, (novel, total) in ngram_counts(lengths, ns).items()}
 
 
 def find_copies(source: str | Path, text: str, min_tokens: int = 12) -> CopyReport:
