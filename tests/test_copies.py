@@ -164,7 +164,7 @@ def _brute_copy_rate(corpus: list[list[int]], query: list[int], min_tokens: int)
     return len(covered) / len(query)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     docs=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=40), min_size=1, max_size=3),
     query=st.lists(st.integers(0, 4), min_size=1, max_size=40),
@@ -174,7 +174,13 @@ def test_match_lengths_and_novelty_match_brute_force(docs, query):
     tokens = np.asarray([t for doc in docs for t in doc + [sep]], dtype=np.uint16)
     index = CopyIndex(tokens, suffix_array(tokens), np.asarray([0]), None, sep)
     lengths = index.match_lengths(np.asarray(query))
-    assert lengths.tolist() == _brute_lengths(docs, query)
+    brute = _brute_lengths(docs, query)
+    assert lengths.tolist() == brute
+    maximal = [(i, n) for i, n in enumerate(brute) if n >= 1 and (i == 0 or brute[i - 1] != n + 1)]
+    for cap in (1, 2, 3, 5, 64):  # long matches are searched at the cap, then followed one by one
+        capped = index.match_lengths(np.asarray(query), cap=cap)
+        assert capped.tolist() == [min(n, cap) for n in brute]
+        assert index.maximal_matches(np.asarray(query), capped, cap) == maximal
     novelty = novelty_from_lengths(lengths, (1, 2, 4, 8))
     for n in (1, 2, 4, 8):
         if len(query) >= n:

@@ -49,6 +49,8 @@ MAX_LOCATIONS = 3
 _OCCURRENCES_CHECKED = 32  # occurrences of a span compared character by character (the rest are counted)
 _CONTEXT_TOKENS = 24  # tokens decoded on each side of a match to widen it over case differences
 _WINDOW = 8  # tokens compared at first in each binary search step (then 4x as many, and so on)
+_CAP = 64  # match lengths are searched up to this many tokens at once (>= the longest n of novelty)
+_MAX_CELLS = 1 << 22  # most tokens compared at once (keys x window), to bound memory
 _BATCH_ROWS = 2048
 
 _WORD_JOINERS = "'\u2019-"
@@ -204,7 +206,6 @@ class _SourceMap:
             pieces.append(piece)
             pos += len(piece)
         self.stream = "".join(pieces)
-        self._rows: dict[int, int] = {}
 
     def line_at(self, pos: int) -> int:
         return self.mark_line[max(0, bisect.bisect_right(self.mark_pos, pos) - 1)]
@@ -532,7 +533,7 @@ class CopyIndex:
             raise TunesmithError(f"min tokens must be a positive whole number, not {min_tokens!r}", field="min_tokens")
         query = self._query(text)
         m = len(query.ids)
-        lengths = self.match_lengths(query.ids)
+        lengths = self.match_lengths(query.ids, cap=_CAP)
         spans = self._spans(query, lengths, min_tokens)
         covered = np.zeros(m, dtype=bool)
         for span, (t0, t1) in spans:
@@ -551,7 +552,8 @@ class CopyIndex:
     def novelty(self, text: str, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
         """For each n, the share of the text's n-token n-grams that never occur in the corpus."""
         query = self._query(text)
-        return novelty_from_lengths(self.match_lengths(query.ids), ns)
+        ns = list(ns)
+        return novelty_from_lengths(self.match_lengths(query.ids, cap=max(ns, default=1)), ns)
 
     def _query(self, text: str) -> _Query:
         if not isinstance(text, str) or not text.strip():
@@ -590,7 +592,8 @@ class CopyIndex:
             order[finished] = np.where(ended[done], 0, sign[done])
             lcp[todo[~done]] += width
             todo = todo[~done]
-            width *= 4  # a long match: look further ahead at once
+            # a long match: look further ahead at once, within a bounded amount of memory
+            width = max(_WINDOW, min(width * 4, _MAX_CELLS // max(1, len(todo))))
         return lcp, order
 
     def _search(self, q: np.ndarray, qstart: np.ndarray, klen: np.ndarray,
@@ -618,16 +621,78 @@ class CopyIndex:
             hi[act] = np.where(right, hi[act], mid)
             lcp_hi[act] = np.where(right, lcp_hi[act], lcp)
 
-    def match_lengths(self, ids: np.ndarray) -> np.ndarray:
-        """``L[i]``: the length of the longest prefix of ``ids[i:]`` that occurs in the corpus
-        (the longest common prefix with either neighbour of its place in the suffix array)."""
+    def match_lengths(self, ids: np.ndarray, cap: int | None = None) -> np.ndarray:
+        """``L[i]``: the length of the longest prefix of ``ids[i:]`` that occurs in the corpus (the
+        longest common prefix with either neighbour of its place in the suffix array), or ``cap``
+        when it is at least that long."""
         q = np.asarray(ids, dtype=np.int64)
         m = len(q)
         if m == 0 or len(self.sa) == 0:
             return np.zeros(m, dtype=np.int64)
         starts = np.arange(m, dtype=np.int64)
-        _, lcp_lo, lcp_hi = self._search(q, starts, m - starts)
+        klen = m - starts if cap is None else np.minimum(m - starts, cap)
+        _, lcp_lo, lcp_hi = self._search(q, starts, klen)
         return np.maximum(lcp_lo, lcp_hi)
+
+    def _longest(self, q: np.ndarray, i: int) -> int:
+        """The exact ``L[i]``."""
+        _, lcp_lo, lcp_hi = self._search(q, np.asarray([i]), np.asarray([len(q) - i]))
+        return int(max(lcp_lo[0], lcp_hi[0]))
+
+    def _occurs(self, q: np.ndarray, i: int, length: int) -> bool:
+        """Whether ``q[i : i + length]`` occurs in the corpus."""
+        _, _, lcp_hi = self._search(q, np.asarray([i]), np.asarray([length]))
+        return bool(lcp_hi[0] >= length)
+
+    def maximal_matches(self, ids: np.ndarray, capped: np.ndarray, cap: int, floor: int = 1) -> list[tuple[int, int]]:
+        """``(i, L[i])`` for every maximal match of at least ``floor`` tokens: a match that is not
+        the tail of the one before (``L[i - 1] != L[i] + 1``). ``capped`` is ``match_lengths(ids, cap)``.
+
+        Below ``cap`` the capped lengths are exact. A run of positions at the cap is one long match
+        at its first position, whose exact length (end ``e``) is searched for; the next maximal
+        match inside the run is the first ``j`` where ``ids[j : e + 1]`` occurs, which only gets
+        more likely as ``j`` grows, so it is found by bisection, and for ``j`` within ``cap`` of
+        ``e`` straight from the capped lengths. This keeps a long copied text from costing a
+        search of its full length at every position."""
+        q = np.asarray(ids, dtype=np.int64)
+        m = len(q)
+        lc = np.asarray(capped, dtype=np.int64)
+        previous = np.concatenate([[-1], lc[:-1]])
+        out = [(int(i), int(lc[i])) for i in np.nonzero((lc >= floor) & (lc < cap) & (previous != lc + 1))[0]]
+        at_cap = lc >= cap
+        i = 0
+        while i < m:
+            if not at_cap[i] or (i > 0 and at_cap[i - 1]):
+                i += 1
+                continue
+            last = i  # the run of capped positions is [i, last]
+            while last + 1 < m and at_cap[last + 1]:
+                last += 1
+            start = i
+            while True:
+                length = self._longest(q, start)
+                out.append((start, length))
+                end = start + length  # positions start+1 .. end-1 hold the tail of this match
+                top = min(last, end)
+                if end >= m or top <= start:
+                    break
+
+                def extends(j: int) -> bool:  # does q[j : end + 1] occur?
+                    need = end + 1 - j
+                    return bool(lc[j] >= need) if need <= cap else self._occurs(q, j, need)
+
+                if not extends(top):
+                    break
+                lo, hi = start + 1, top  # the first j in [lo, hi] that extends; hi does
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if extends(mid):
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                start = lo
+            i = last + 1
+        return sorted(out)
 
     def occurrences(self, ids: np.ndarray, starts: np.ndarray | None = None,
                     lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -642,15 +707,13 @@ class CopyIndex:
 
     # -- spans --
 
-    def _spans(self, query: _Query, lengths: np.ndarray, min_tokens: int) -> list[tuple[Span, tuple[int, int]]]:
-        m = len(lengths)
+    def _spans(self, query: _Query, capped: np.ndarray, min_tokens: int) -> list[tuple[Span, tuple[int, int]]]:
         floor = max(1, min_tokens - 2)  # a few tokens short may still reach min_tokens once widened
-        previous = np.concatenate([[-1], lengths[:-1]])
-        starts = np.nonzero((lengths >= floor) & (previous != lengths + 1))[0].tolist()
+        matches = self.maximal_matches(query.ids, capped, _CAP, floor)
         found: list[tuple[int, int, int, list[tuple[int, int]]]] = []  # (a, b, count, [(pos, offset)])
-        los, his = self.occurrences(query.ids, np.asarray(starts, dtype=np.int64), lengths[starts])
-        for i, lo, hi in zip(starts, los.tolist(), his.tolist()):
-            length = int(lengths[i])
+        starts = np.asarray([i for i, _ in matches], dtype=np.int64)
+        los, his = self.occurrences(query.ids, starts, np.asarray([n for _, n in matches], dtype=np.int64))
+        for (i, length), lo, hi in zip(matches, los.tolist(), his.tolist()):
             if hi <= lo:
                 continue
             checked = np.sort(np.asarray(self.sa[lo : min(hi, lo + _OCCURRENCES_CHECKED)], dtype=np.int64))
