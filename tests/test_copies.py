@@ -117,6 +117,12 @@ def test_a_copy_at_the_very_start_of_the_text_keeps_its_first_word(index):
     assert span.text == RED_HEADED and span.start == 0
 
 
+def test_text_in_another_script_is_all_novel(index):
+    report = index.check("東京の古い書店で、彼女は一冊の地図を見つけた。誰もその道を知らなかった。")
+    assert report.spans == [] and report.copy_rate == 0.0
+    assert all(value == 1.0 for n, value in report.novelty.items() if n >= 8)
+
+
 def test_min_tokens_decides_what_counts(index):
     short = "I have seldom heard him mention her"  # 7 words of line 62
     text = f"{OWN[0]} {short} {OWN[1]}"
