@@ -458,3 +458,13 @@ def test_records_are_located_by_their_line_in_the_file(tmp_path, real_base_dir, 
     (span,) = find_copies(data, text).spans
     assert span.text == "stalls of apples, pears and plums stood in long rows beside the church wall."
     assert (span.locations[0].file, span.locations[0].line, span.locations[0].heading) == ("pairs.jsonl", 2, None)
+
+
+def test_headings_are_chapter_lines_not_prose():
+    from tunesmith.copies import _headings
+
+    lines = ["CHAPTER I", "", "It began.", "", "Part of the reason he came was money.", "", "Chapter Twenty-Two", "",
+             "Book I had lent him lay open on the table.", "", "Act civil, he said.", "", "IX. THE ENGINEER'S THUMB",
+             "", "I. A Scandal in Bohemia", "", "II."]
+    assert _headings(lines) == [(1, "CHAPTER I"), (7, "Chapter Twenty-Two"), (13, "IX. THE ENGINEER'S THUMB")]
+    assert _headings(["I.", "", "Text.", "", "II.", "More text."]) == [(1, "I."), (5, "II.")]  # sections, lacking chapters

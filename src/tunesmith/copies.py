@@ -61,8 +61,14 @@ _NON_SPACE = re.compile(r"\S+")
 # A chapter heading: a keyword and a number ("CHAPTER IV", "ADVENTURE I. A SCANDAL IN BOHEMIA"),
 # or a Roman numeral and a title in capitals ("IX. THE ADVENTURE OF THE ENGINEER'S THUMB").
 # A bare numeral ("II.") is a section, used only in a book without chapter headings.
+_NUMBER_WORD = (
+    r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen"
+    r"|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|first|second|third|fourth|fifth|sixth|seventh"
+    r"|eighth|ninth|tenth|last)"
+)
 _CHAPTER = re.compile(
-    r"^(?:chapter|book|part|adventure|volume|stave|canto|act|letter|section)\s+(?:[ivxlcdm]+|\d+|[a-z]+)\b.*$",
+    r"^(?:chapter|book|part|adventure|volume|stave|canto|act|letter|section)\s+"
+    r"(?:(?-i:[IVXLCDM]+)|\d+|" + _NUMBER_WORD + r"(?:-\w+)?)\b.*$",
     re.IGNORECASE,
 )
 _NUMBERED_TITLE = re.compile(r"^(?:[IVXLCDM]+|\d+)\.\s+[^a-z]*[A-Z][^a-z]*$")
@@ -222,7 +228,8 @@ def _headings(lines: list[str]) -> list[tuple[int, str]]:
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if text and not previous and len(text) <= 70:
-            if (_CHAPTER.match(text) or _NUMBERED_TITLE.match(text)) and not text.endswith((",", ";")):
+            if (_NUMBERED_TITLE.match(text) or (_CHAPTER.match(text) and (text.isupper() or len(text.split()) <= 6))) \
+                    and not text.endswith((",", ";", ":")):
                 chapters.append((number, text))
             elif _SECTION.match(text):
                 sections.append((number, text))
