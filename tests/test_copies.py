@@ -129,6 +129,12 @@ def test_min_tokens_decides_what_counts(index):
     assert index.check(text).spans == []
     (span,) = index.check(text, min_tokens=5).spans
     assert span.text == short and span.locations[0].line == 62
+    # a threshold above the 64 tokens searched at once
+    long_text = f"{OWN[0]} {SWANDAM} {OWN[1]}"
+    n = len(index.tokenizer.encode(" " + " ".join(SWANDAM.split()), add_special_tokens=False).ids)
+    assert n > 64
+    assert [s.text for s in index.check(long_text, min_tokens=n).spans] == [SWANDAM]
+    assert index.check(long_text, min_tokens=n + 1).spans == []
 
 
 def test_a_repeated_phrase_is_counted(index):
@@ -188,6 +194,7 @@ def test_match_lengths_and_novelty_match_brute_force(docs, query):
         capped = index.match_lengths(np.asarray(query), cap=cap)
         assert capped.tolist() == [min(n, cap) for n in brute]
         assert index.maximal_matches(np.asarray(query), capped, cap) == maximal
+        assert index.maximal_matches(np.asarray(query), capped, cap, floor=4) == [m for m in maximal if m[1] >= 4]
     novelty = novelty_from_lengths(lengths, (1, 2, 4, 8))
     for n in (1, 2, 4, 8):
         if len(query) >= n:

@@ -701,7 +701,7 @@ class CopyIndex:
                         lo = mid + 1
                 start = lo
             i = last + 1
-        return sorted(out)
+        return sorted(match for match in out if match[1] >= floor)
 
     def occurrences(self, ids: np.ndarray, starts: np.ndarray | None = None,
                     lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
