@@ -177,7 +177,7 @@ def _brute_copy_rate(corpus: list[list[int]], query: list[int], min_tokens: int)
     return len(covered) / len(query)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     docs=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=40), min_size=1, max_size=3),
     query=st.lists(st.integers(0, 4), min_size=1, max_size=40),
