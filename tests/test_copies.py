@@ -74,7 +74,7 @@ def test_three_planted_passages_are_found_with_their_lines_and_nothing_else(inde
         assert (where.file, where.line, where.end_line, where.heading) == ("sherlock.txt", line, end_line, heading)
     assert report.longest.text == SWANDAM
     # the copied tokens are the passages' tokens (each follows a space in the checked text)
-    encode = lambda t: index.tokenizer.encode(" ".join(t.split()), add_special_tokens=False).ids  # noqa: E731
+    encode = lambda t: index.tokenizer.encode(" ".join(t.split()), add_special_tokens=False).ids
     copied = sum(len(encode(" " + passage)) for passage, *_ in PLANTED)
     assert report.n_tokens == len(encode(text))
     assert report.copy_rate == pytest.approx(copied / report.n_tokens)
@@ -458,7 +458,8 @@ def test_records_are_located_by_their_line_in_the_file(tmp_path, real_base_dir, 
     (tmp_path / "home" / "models").symlink_to(real_base_dir.parent, target_is_directory=True)
     rows = [
         {"prompt": "Describe the weather.", "completion": " Grey clouds rolled over the hills all morning."},
-        {"prompt": "Describe the market.", "completion": " Stalls of apples, pears and plums stood in long rows beside the church wall."},
+        {"prompt": "Describe the market.",
+         "completion": " Stalls of apples, pears and plums stood in long rows beside the church wall."},
     ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
@@ -475,4 +476,5 @@ def test_headings_are_chapter_lines_not_prose():
              "Book I had lent him lay open on the table.", "", "Act civil, he said.", "", "IX. THE ENGINEER'S THUMB",
              "", "I. A Scandal in Bohemia", "", "II."]
     assert _headings(lines) == [(1, "CHAPTER I"), (7, "Chapter Twenty-Two"), (13, "IX. THE ENGINEER'S THUMB")]
-    assert _headings(["I.", "", "Text.", "", "II.", "More text."]) == [(1, "I."), (5, "II.")]  # sections, lacking chapters
+    # bare numerals are sections, taken only when there are no chapter headings
+    assert _headings(["I.", "", "Text.", "", "II.", "More text."]) == [(1, "I."), (5, "II.")]

@@ -182,7 +182,8 @@ def generate(
     chat: bool = typer.Option(False, help="wrap the prompt in the chat template as a user message"),
     compare_base: bool = typer.Option(False, "--compare-base", help="also show the base model's continuation"),
     check_copying: bool = typer.Option(
-        False, "--check-copying", help="mark spans copied from the run's training text (printed when done, not streamed)"
+        False, "--check-copying",
+        help="mark spans copied from the run's training text (each sample is printed when done, not streamed)",
     ),
 ) -> None:
     """Write a continuation of PROMPT, streamed as it is written."""

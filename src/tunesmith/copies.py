@@ -33,9 +33,10 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -262,7 +263,9 @@ class _Source:
 def _resolve(source: str | Path) -> _Source:
     path = Path(source)
     if not path.exists():
-        raise TunesmithError("no such file or directory", file=path, hint="give a run dir, a prepared dir or a text file")
+        raise TunesmithError(
+            "no such file or directory", file=path, hint="give a run dir, a prepared dir or a text file"
+        )
     if path.is_dir():
         if (path / "data").is_dir() or _is_run(path):
             data = path / "data"
@@ -463,7 +466,7 @@ class CopyIndex:
     # -- opening and building --
 
     @classmethod
-    def open(cls, source: str | Path, rebuild: bool = False, say: Callable[[str], None] | None = None) -> "CopyIndex":
+    def open(cls, source: str | Path, rebuild: bool = False, say: Callable[[str], None] | None = None) -> CopyIndex:
         """The index of a run dir (its ``data/train.jsonl``), a prepared dir or any file ``prepare``
         accepts: built on first use, and again whenever the data or the tokenizer has changed.
         ``say`` (optional) is told when the index is being built, which can take a while."""
@@ -507,7 +510,7 @@ class CopyIndex:
         sa = suffix_array(tokens)
         sorted_at, cpu_sorted = time.perf_counter(), time.process_time()
         buckets = first_token_buckets(tokens, sep)
-        meta = {**want, "separator": sep, "tokens": int(len(tokens)), "rows": int(len(rows)), "kind": src.kind,
+        meta = {**want, "separator": sep, "tokens": len(tokens), "rows": len(rows), "kind": src.kind,
                 "source": str(src.original) if src.original else None}
         try:
             with atomic_dir(src.index_dir, overwrite=True) as tmp:
@@ -528,7 +531,7 @@ class CopyIndex:
         return meta, None
 
     @classmethod
-    def from_texts(cls, texts: list[str], tokenizer: Any, joined: bool = False) -> "CopyIndex":
+    def from_texts(cls, texts: list[str], tokenizer: Any, joined: bool = False) -> CopyIndex:
         """An in-memory index of some texts (no files, no source lines)."""
         sep = _separator(tokenizer)
         tokens, rows = tokenize_corpus(texts, tokenizer, joined=joined, sep=sep)
@@ -686,7 +689,7 @@ class CopyIndex:
                 if end >= m or top <= start:
                     break
 
-                def extends(j: int) -> bool:  # does q[j : end + 1] occur?
+                def extends(j: int, end: int = end) -> bool:  # does q[j : end + 1] occur?
                     need = end + 1 - j
                     return bool(lc[j] >= need) if need <= cap else self._occurs(q, j, need)
 
@@ -961,7 +964,10 @@ def format_summary(report: CopyReport) -> str:
         if longest.locations:
             first += ", " + describe_location(longest.locations[0])
     else:
-        first = f"copied: nothing ({report.n_tokens:,} tokens, no span of {report.min_tokens}+ tokens in the training text)"
+        first = (
+            f"copied: nothing ({report.n_tokens:,} tokens, "
+            f"no span of {report.min_tokens}+ tokens in the training text)"
+        )
     if report.novelty:
         novel = "  ".join(f"{n}-grams {_percent(v)}" for n, v in report.novelty.items())
         return f"{first}\nnovel (not in the training text): {novel}"
