@@ -237,3 +237,62 @@ def test_keeps_the_newest_checkpoints_and_the_best_weights(book, tmp_path, tiny_
     assert run.best == {"step": lowest["step"], "validation_loss": lowest["validation_loss"]}
     best = _weights(run.path / "best" / "adapter")
     assert all(torch.equal(best[k], saved[lowest["step"]][k]) for k in best)
+
+
+def test_a_job_whose_worker_was_killed_resumes_on_retry(tunesmith_home):
+    """SIGKILL the training worker after a checkpoint; `jobs retry` queues the job to resume from it,
+    and the resumed job ends with the training of a job that was never interrupted (the server's
+    jobs train in the automatic dtype: bf16 where the CPU has it, hence the bf16 tolerances)."""
+    from typer.testing import CliRunner
+
+    from tunesmith.server.commands import jobs_app
+    from tunesmith.server.store import Store, new_id
+    from tunesmith.server.worker import serve_queue
+
+    store = Store(tunesmith_home)
+    book = tunesmith_home / "book.txt"
+    book.write_text(TEXT * 4)
+    file_id = new_id("file")
+    store.add_file(file_id, "book.txt", book, book.stat().st_size)
+    hyperparameters = {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0, "block_size": 64}
+    job = store.create_job(model="tiny-llama", training_file=file_id, validation_file=None, suffix=None, seed=3,
+                           hyperparameters=hyperparameters)
+
+    worker = subprocess.Popen([sys.executable, "-m", "tunesmith.server.worker", "--home", str(tunesmith_home)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not store.list_checkpoints(job["id"])[0]:
+        assert worker.poll() is None and time.monotonic() < deadline, "the worker never saved a checkpoint"
+        time.sleep(0.05)
+    worker.kill()
+    worker.wait(30)
+    assert store.reap_stale_jobs() == [job["id"]]
+    run = Run(job["run_dir"])
+    step = run.checkpoints()[-1]["step"]
+    total = 2 * max(r["step"] for r in run.metrics() if r.get("epoch") == 1.0)
+    assert step < total, "the job finished before the kill"
+
+    result = CliRunner().invoke(jobs_app, ["retry", job["id"]])
+    assert result.exit_code == 0, result.output
+    assert f"it resumes from its checkpoint at step {step}" in result.output
+    assert all(p["step"] <= step for p in store.metrics(job["id"]))
+    serve_queue(store, idle_exit=0.5)
+    done = store.get_job(job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    messages = [e["message"] for e in store.events_since(job["id"])]
+    assert f"Resuming from the checkpoint at step {step}" in messages
+    steps = [p["step"] for p in store.metrics(job["id"]) if "train_loss" in p]
+    assert steps == list(range(1, total + 1))  # no step lost or repeated in the job's metrics
+
+    again = store.create_job(model="tiny-llama", training_file=file_id, validation_file=None, suffix=None, seed=3,
+                             hyperparameters=hyperparameters)
+    serve_queue(store, idle_exit=0.5)
+    reference = Run(store.get_job(again["id"])["run_dir"])
+    ours, theirs = _rows(run), _rows(reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        for key in ("training_loss", "validation_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=BF16_LOSS_RTOL)
+    w_ours, w_theirs = _weights(run.weights_dir), _weights(reference.weights_dir)
+    assert all(torch.allclose(w_ours[k], w_theirs[k], rtol=0, atol=BF16_WEIGHT_ATOL) for k in w_theirs)

@@ -7,6 +7,7 @@ goes to the SQLite store; cancellation is a flag in the store that ``should_stop
 SIGINT/SIGTERM (Ctrl-C on ``tunesmith serve``, or the server shutting down) stop training cleanly
 after the current step: a checkpoint is saved and the job is marked failed with a restart hint.
 If the worker is killed outright, the next server to start sees the free lock and marks the job failed.
+A retried job whose run has a checkpoint resumes from it (``train.resume``) instead of starting over.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .store import Store, fine_tuned_model_id, restart_hint
+from .store import Store, fine_tuned_model_id, restart_hint, resume_step
 
 POLL_SECONDS = 0.5
 
@@ -139,22 +140,29 @@ class JobRunner:
             from .. import train
             from ..errors import TunesmithError
 
-            run = train.finetune(
-                file["path"],
-                validation=validation,
-                base=job["model"],
-                out=job["run_dir"],
-                epochs=int(hp["n_epochs"]),
-                lr=_learning_rate(hp.get("learning_rate_multiplier", 1.0)),
-                batch_size=int(hp["batch_size"]),
-                seed=int(job["seed"]),
-                overwrite=True,
-                on_event=self.on_event,
-                should_stop=self.should_stop,
-                progress=False,
-                samples=bool(hp.get("samples", False)),
-                **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
-            )
+            step = resume_step(job["run_dir"])
+            if step is not None:
+                self.step = step
+                store.add_event(job_id, f"Resuming from the checkpoint at step {step}")
+                run = train.resume(job["run_dir"], on_event=self.on_event, should_stop=self.should_stop,
+                                   progress=False, samples=bool(hp.get("samples", False)))
+            else:
+                run = train.finetune(
+                    file["path"],
+                    validation=validation,
+                    base=job["model"],
+                    out=job["run_dir"],
+                    epochs=int(hp["n_epochs"]),
+                    lr=_learning_rate(hp.get("learning_rate_multiplier", 1.0)),
+                    batch_size=int(hp["batch_size"]),
+                    seed=int(job["seed"]),
+                    overwrite=True,
+                    on_event=self.on_event,
+                    should_stop=self.should_stop,
+                    progress=False,
+                    samples=bool(hp.get("samples", False)),
+                    **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
+                )
         except TunesmithError as err:
             return self._fail("invalid_training_file" if err.file or err.line else "training_error",
                               str(err), err.field)
