@@ -296,3 +296,30 @@ def test_a_job_whose_worker_was_killed_resumes_on_retry(tunesmith_home):
                 assert a[key] == pytest.approx(b[key], rel=BF16_LOSS_RTOL)
     w_ours, w_theirs = _weights(run.weights_dir), _weights(reference.weights_dir)
     assert all(torch.allclose(w_ours[k], w_theirs[k], rtol=0, atol=BF16_WEIGHT_ATOL) for k in w_theirs)
+
+
+def test_ctrl_c_on_the_command_line_checkpoints_a_finished_step(tmp_path, tiny_model_dir):
+    """A real SIGINT lands anywhere in a step; training stops after that step, and the checkpoint,
+    the metrics and the data position agree."""
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT * 4)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(book), "--out", str(out), "--base",
+                             "tiny-llama", "--block-size", "64", "--batch-size", "2", "--epochs", "2", "--dtype", "fp32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 0.05))
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert f"resume with: tunesmith train --resume {out}" in stderr
+    run = Run(out)
+    assert run.status == "interrupted"
+    steps = [r["step"] for r in run.metrics() if "training_loss" in r]
+    state = torch.load(Path(run.checkpoints()[-1]["path"]) / "trainer_state.pt", weights_only=False)
+    assert state["step"] == steps[-1] == run.state["step"]
+    assert state["metrics_rows"] == len(run.metrics())
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, state["step"])  # stopped early in the first epoch

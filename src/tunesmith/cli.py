@@ -189,7 +189,8 @@ def _interrupted(path: str | None) -> None:
     import shlex
 
     err.print("[yellow]training interrupted; the last checkpoint is saved and usable.[/]")
-    err.print(f"resume with: tunesmith train --resume {shlex.quote(path) if path else 'RUN'}", highlight=False, markup=False)
+    err.print(f"resume with: tunesmith train --resume {shlex.quote(path) if path else 'RUN'}", highlight=False, markup=False,
+              soft_wrap=True)
     raise typer.Exit(130)
 
 
