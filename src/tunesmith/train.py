@@ -389,6 +389,7 @@ def resume(
     are restored, so the result equals a run that was never interrupted. A run without a
     checkpoint trains again from its first step.
     """
+    from .models import resolve
     from .prepare import load_prepared
 
     run = run if isinstance(run, Run) else Run(run)
@@ -412,16 +413,10 @@ def resume(
     with run.training_lock():
         checkpoints = run.checkpoints()
         need = _dir_bytes(Path(checkpoints[-1]["path"])) + _dir_bytes(run.weights_dir) if checkpoints else None
-        check_free_space(run.path, need or checkpoint_bytes(cfg, resolve_base(cfg.base)))
+        check_free_space(run.path, need or checkpoint_bytes(cfg, resolve(cfg.base)))
         _guarded_train(run, cfg, {"train": prepared.train, "valid": prepared.valid, "report": prepared.report},
                        on_event or (lambda event: None), should_stop, progress, samples, resume=True)
     return run
-
-
-def resolve_base(name: str) -> Path:
-    from .models import resolve
-
-    return resolve(name)
 
 
 def _guarded_train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, progress: bool, samples: bool,
