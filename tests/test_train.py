@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tunesmith import TunesmithError, finetune, load
 from tunesmith.rundir import Run, is_run_dir
@@ -122,8 +123,40 @@ def test_keyboard_interrupt_keeps_last_checkpoint(book, tmp_path, tiny_model_dir
         finetune(book, out=tmp_path / "run", progress=False, on_event=boom, **TINY)
     run = Run(tmp_path / "run")
     assert run.status == "interrupted"
-    assert run.has_weights() and run.checkpoints()
+    assert run.has_weights() and [c["step"] for c in run.checkpoints()] == [2]
+    checkpoint = run.checkpoints()[-1]["path"]
+    state = torch.load(checkpoint + "/trainer_state.pt", weights_only=False)
+    # step 2 had finished: its batch is done, and the next one to train is the third of epoch 0
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 2)
+    assert state["metrics_rows"] == len(run.metrics()) == 3  # the base model's validation and 2 steps
+    saved = load_file(checkpoint + "/adapter/adapter_model.safetensors")
+    published = load_file(str(run.path / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[k], published[k]) for k in saved)
     assert load(run.path).generate("The lamp", max_tokens=3, seed=0)
+
+
+def test_merged_lora_reproduces_the_recorded_validation_loss(book, tmp_path, tiny_model_dir):
+    """load(run) merges the adapter into the base; the merged model scores the validation set as
+    the run recorded it at its last step."""
+    import torch.nn.functional as F
+
+    from tunesmith.tokens import book_joiner, pack, tokenize_rows
+
+    run = finetune(book, out=tmp_path / "run", progress=False, samples=False, dtype="fp32", lr=0.01,
+                   **{**TINY, "epochs": 1})
+    validations = [r["validation_loss"] for r in run.metrics() if "validation_loss" in r]
+    base_loss, recorded = validations[0], validations[-1]
+    model = load(run.path, dtype="fp32")
+    tok = model.tokenizer
+    rows = [json.loads(line) for line in (run.path / "data" / "valid.jsonl").read_text().splitlines()]
+    blocks = pack(*tokenize_rows(rows, tok, book_joiner(tok)), TINY["block_size"], tok.pad_token_id)
+    ids, mask = torch.from_numpy(blocks.ids), torch.from_numpy(blocks.mask)
+    with torch.no_grad():
+        logits = model.model(input_ids=ids[:, :-1]).logits.float()
+    targets = torch.where(mask[:, 1:], ids[:, 1:], -100)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100).item()
+    assert abs(recorded - base_loss) > 1e-3  # training moved the loss, so the adapter matters
+    assert loss == pytest.approx(recorded, rel=1e-5)
 
 
 def test_existing_run_dir_is_refused(book, tmp_path, tiny_model_dir):

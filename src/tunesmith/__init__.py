@@ -13,6 +13,6 @@ from .errors import TunesmithError  # noqa: E402
 from .generate import Completion, Model, load  # noqa: E402
 from .prepare import prepare  # noqa: E402
 from .rundir import Run  # noqa: E402
-from .train import finetune  # noqa: E402
+from .train import finetune, resume  # noqa: E402
 
-__all__ = ["Completion", "Model", "Run", "TunesmithError", "finetune", "load", "prepare", "__version__"]
+__all__ = ["Completion", "Model", "Run", "TunesmithError", "finetune", "load", "prepare", "resume", "__version__"]

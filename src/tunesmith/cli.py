@@ -115,7 +115,8 @@ def tokenize(
 @app.command()
 @user_errors
 def train(
-    data: Path = typer.Argument(..., help="a prepared dir, or any file `prepare` accepts"),
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Argument(None, help="a prepared dir, or any file `prepare` accepts"),
     base: str = typer.Option(DEFAULT_BASE, help="base model: a name, a model dir or a .gguf"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME-TIME)"),
     epochs: int = typer.Option(4, help="passes over the training data"),
@@ -131,17 +132,25 @@ def train(
     dtype: str = typer.Option("auto", help="auto (bf16 where supported), bf16 or fp32"),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
     save_every: Optional[int] = typer.Option(None, help="also checkpoint every N steps"),
+    keep_checkpoints: int = typer.Option(2, help="how many of the newest checkpoints to keep (best/ is kept too)"),
     compile: str = typer.Option("auto", help="torch.compile the layers: auto (long CPU runs), on, off"),
     prompt: List[str] = typer.Option([], "--prompt", help="fixed prompt for samples.md (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the plan and estimated time, train nothing"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue this interrupted run from its last checkpoint"),
 ) -> None:
     """Fine-tune a base model on your text. Ctrl-C stops cleanly and keeps the last checkpoint."""
     options = dict(
         base=base, epochs=epochs, lr=lr, batch_size=batch_size, block_size=block_size, method=method,
         lora_r=lora_r, seed=seed, max_steps=max_steps, valid_fraction=valid_fraction, dtype=dtype,
         device=device, save_every=save_every, sample_prompts=list(prompt), compile=compile,
+        keep_checkpoints=keep_checkpoints,
     )
+    if resume is not None:
+        return _resume(ctx, resume, data, options, dry_run=dry_run, out_dir=out_dir, validation=validation,
+                       overwrite=overwrite)
+    if data is None:
+        raise TunesmithError("give the training data (DATA), or --resume RUN")
     if dry_run:
         from .estimate import plan
 
@@ -157,13 +166,65 @@ def train(
         elif event["type"] == "validation" and event["step"] == 0:
             out.print(f"base model: validation loss {event['validation_loss']:.3f}, perplexity {event['perplexity']:.2f}")
 
+    seen: dict = {}
     try:
-        run = finetune(data, validation=validation, out=out_dir, overwrite=overwrite, on_event=on_event, **options)
+        run = finetune(data, validation=validation, out=out_dir, overwrite=overwrite,
+                       on_event=_train_events(on_event, seen), **options)
     except KeyboardInterrupt:
-        err.print("[yellow]training interrupted; the last checkpoint is saved and usable.[/]")
-        raise typer.Exit(130)
+        _interrupted(seen.get("path"))
     out.print(f"\n[bold green]done[/]: {run.path}  (status {run.status})")
     out.print(f'try: tunesmith generate {run.path} "Your prompt"')
+
+
+def _train_events(on_event, seen: dict):
+    """Pass training events on, remembering the run directory."""
+    def handle(event: dict) -> None:
+        if event.get("path") and event["type"] == "done":
+            seen["path"] = event["path"]
+        on_event(event)
+    return handle
+
+
+def _interrupted(path: str | None) -> None:
+    import shlex
+
+    err.print("[yellow]training interrupted; the last checkpoint is saved and usable.[/]")
+    err.print(f"resume with: tunesmith train --resume {shlex.quote(path) if path else 'RUN'}", highlight=False, markup=False,
+              soft_wrap=True)
+    raise typer.Exit(130)
+
+
+# Options of `train` that are TrainConfig fields under another name.
+_OPTION_FIELDS = {"prompt": "sample_prompts"}
+
+
+def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool, out_dir, validation, overwrite) -> None:
+    """`train --resume RUN`: the run's own settings; only options given on the command line are passed on
+    (and must match the run unless they do not change the computation)."""
+    from click.core import ParameterSource
+
+    from .train import resume as resume_api
+
+    for name, given in (("DATA", data), ("--dry-run", dry_run), ("--out", out_dir), ("--validation", validation),
+                        ("--overwrite", overwrite)):
+        if given:
+            raise TunesmithError(f"--resume continues a run with its own data and directory; {name} cannot be given with it")
+    given = {}
+    for param in ctx.params:
+        field = _OPTION_FIELDS.get(param, param)
+        if field in options and ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            given[field] = options[field]
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "info":
+            out.print(f"[dim]{event['message']}[/]")
+
+    try:
+        result = resume_api(run, on_event=on_event, **given)
+    except KeyboardInterrupt:
+        _interrupted(str(run))
+    out.print(f"\n[bold green]done[/]: {result.path}  (status {result.status})")
+    out.print(f'try: tunesmith generate {result.path} "Your prompt"')
 
 
 @app.command()

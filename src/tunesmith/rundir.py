@@ -10,14 +10,18 @@ Layout (see docs/ARCHITECTURE.md):
     tokenizer/        the tokenizer (with chat template)
     adapter/          LoRA weights (method lora)   | model/  full weights (method full)
     checkpoints/step-NNNNNN/  the same weights + trainer_state.pt (optimizer, scheduler,
-                      RNG states, data position) for exact resume
+                      RNG states, data position) for exact resume; the newest K are kept
+    best/             the weights with the lowest validation loss so far + best.json (step, loss)
+    train.lock        held (flock) by the process training the run
     loss.png, samples.md, README.md
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .atomic import write_json
@@ -82,10 +86,33 @@ class Run:
     def checkpoints(self) -> list[dict]:
         root = self.path / "checkpoints"
         found = []
-        for ckpt in sorted(root.glob("step-*")) if root.exists() else []:
-            if (ckpt / "trainer_state.pt").exists():
-                found.append({"step": int(ckpt.name.split("-")[1]), "path": str(ckpt)})
-        return found
+        for ckpt in root.glob("step-*") if root.exists() else []:
+            if (ckpt / "trainer_state.pt").exists() and ckpt.name[5:].isdigit():
+                found.append({"step": int(ckpt.name[5:]), "path": str(ckpt)})
+        return sorted(found, key=lambda c: c["step"])
+
+    @property
+    def best(self) -> dict | None:
+        """``{"step", "validation_loss"}`` of the weights in best/, or None before the first validation."""
+        try:
+            return json.loads((self.path / "best" / "best.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @contextmanager
+    def training_lock(self):
+        """Hold the run's train.lock while training it; refuse when another process holds it.
+        The kernel releases the lock when that process dies, even on SIGKILL."""
+        handle = open(self.path / "train.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise TunesmithError("another process is training this run", file=self.path) from None
+        try:
+            yield
+        finally:
+            handle.close()
 
     @property
     def weights_dir(self) -> Path:

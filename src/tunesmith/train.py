@@ -13,6 +13,9 @@ import math
 import platform
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -56,6 +59,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: str = "auto"  # auto | on | off: torch.compile the decoder layers (auto: long CPU runs)
     save_every: int | None = None  # optimizer steps between checkpoints (besides each epoch end)
+    keep_checkpoints: int = 2  # the newest checkpoints kept (best/ is kept besides them)
     sample_prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 60
 
@@ -75,6 +79,8 @@ class TrainConfig:
             raise TunesmithError("must be between 0 and 0.5", field="valid_fraction")
         if self.compile not in ("auto", "on", "off"):
             raise TunesmithError("must be auto, on or off", field="compile")
+        if self.keep_checkpoints < 1:
+            raise TunesmithError("must be at least 1", field="keep_checkpoints")
 
     @property
     def learning_rate(self) -> float:
@@ -334,6 +340,7 @@ def finetune(
     from .models import resolve
 
     base_path = resolve(cfg.base)  # fail on an unknown base before anything is written
+    check_free_space(out, checkpoint_bytes(cfg, base_path))
 
     # Prepare the data and the model in a scratch dir, so a bad input leaves nothing behind.
     from .models import load_tokenizer
@@ -356,9 +363,70 @@ def finetune(
         write_json(tmp / "config.json", config)
         write_json(tmp / "status.json", {"status": "running", "step": 0, "updated": time.time()})
     run = Run(out)
+    with run.training_lock():
+        _guarded_train(run, cfg, prepared, emit, should_stop, progress, samples, resume=False)
+    return run
+
+
+# Options that do not change what a run computes: a resume may set them anew.
+RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "sample_prompts", "sample_tokens")
+
+
+def resume(
+    run: str | Path | Run,
+    *,
+    on_event: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = True,
+    samples: bool = True,
+    **options,
+) -> Run:
+    """Continue an interrupted, cancelled or failed run from its newest complete checkpoint.
+
+    The configuration and data come from the run directory. ``options`` may repeat its
+    TrainConfig fields (they must match) or set those that do not change the computation
+    (``RESUMABLE_CHANGES``). Weights, optimizer, scheduler, RNG states and the data position
+    are restored, so the result equals a run that was never interrupted. A run without a
+    checkpoint trains again from its first step.
+    """
+    from .models import resolve
+    from .prepare import load_prepared
+
+    run = run if isinstance(run, Run) else Run(run)
+    config = run.config
+    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise TunesmithError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    stored = {k: config[k] for k in TrainConfig.__dataclass_fields__ if k in config}
+    for key, value in options.items():
+        if key not in RESUMABLE_CHANGES and value != stored.get(key):
+            raise TunesmithError(
+                f"the run was trained with {key}={stored.get(key)!r}; a resume cannot change it to {value!r}",
+                file=run.path / "config.json", field=key,
+                hint="resume with the run's own settings, or start a new run",
+            )
+    cfg = TrainConfig(**{**stored, **options})
+    cfg.check()
+    if run.status == "succeeded":
+        raise TunesmithError("this run has already finished; there is nothing to resume", file=run.path)
+    prepared = load_prepared(run.path / "data")
+    with run.training_lock():
+        checkpoints = run.checkpoints()
+        need = _dir_bytes(Path(checkpoints[-1]["path"])) + _dir_bytes(run.weights_dir) if checkpoints else None
+        check_free_space(run.path, need or checkpoint_bytes(cfg, resolve(cfg.base)))
+        _guarded_train(run, cfg, {"train": prepared.train, "valid": prepared.valid, "report": prepared.report},
+                       on_event or (lambda event: None), should_stop, progress, samples, resume=True)
+    return run
+
+
+def _guarded_train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, progress: bool, samples: bool,
+                   resume: bool) -> None:
+    """Train, recording a failure in status.json; Ctrl-C (KeyboardInterrupt) passes through."""
     try:
-        _train(run, cfg, prepared, emit, should_stop, progress, samples)
+        _train(run, cfg, prepared, emit, should_stop, progress, samples, resume=resume)
     except KeyboardInterrupt:
+        if run.status == "running":  # stopped before the first step
+            run.set_status("interrupted", step=run.state.get("step", 0))
         raise
     except TunesmithError as err:
         run.set_status("failed", error=str(err))
@@ -366,10 +434,59 @@ def finetune(
     except Exception as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise
-    return run
 
 
-def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_progress: bool, samples: bool) -> None:
+# ----------------------------------------------------------------------------------------
+# Disk space: a checkpoint must fit before a run starts or resumes
+
+
+def checkpoint_bytes(cfg: TrainConfig, base_path: str | Path) -> int:
+    """Bytes one checkpoint takes, and the copy of its weights published beside it: fp32
+    trainable weights twice, plus AdamW's two fp32 moments. Counted on a weightless (meta) model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import quiet_transformers
+
+    quiet_transformers()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_path)))
+        if cfg.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * trainable * 4 + (1 << 20)  # weights x2, moments x2; 1 MiB for configs and state
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Refuse when the disk holding ``path`` has less free space than ``needed`` bytes."""
+    where = Path(path).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise TunesmithError(
+            f"not enough free disk space: a checkpoint needs {_size(needed)}, {_size(free)} is free", file=path,
+            hint="free some space, or write the run to another disk (--out)",
+        )
+
+
+def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_progress: bool, samples: bool,
+           resume: bool = False) -> None:
     import torch
 
     from .tokens import book_joiner, pack, tokenize_rows
@@ -393,10 +510,21 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     emit({"type": "info", "message": f"{len(train_blocks)} blocks of {cfg.block_size} tokens, {total_steps} steps, {trainable:,} trainable parameters"})
     prompts = cfg.sample_prompts or _default_prompts(prepared)
-    sample_log: list[dict] = []
+
+    # A resume restores everything the loop below depends on, and drops the metric rows
+    # written after the checkpoint (they are written again, identically).
+    state = load_checkpoint(run, cfg, model, opt, sched, str(device), str(compute), emit) if resume else None
+    if resume:
+        _keep_metric_rows(run, state["metrics_rows"] if state else 0)
+        run.set_status("running", step=state["step"] if state else 0)
+    state = state or {}
+    sample_log: list[dict] = list(state.get("samples", []))
+    rows_logged = state.get("metrics_rows", 0)
 
     def log(row: dict) -> None:
+        nonlocal rows_logged
         append_jsonl(run.path / "metrics.jsonl", row)
+        rows_logged += 1
 
     compiled = wants_compile(cfg, device, total_steps * cfg.batch_size * cfg.block_size)
     if compiled:
@@ -415,69 +543,95 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                   "validation_token_accuracy": result["accuracy"], "perplexity": result["perplexity"]})
         return result
 
+    before = state["before"] if "before" in state else validate(0, 0.0, 0)
+    step, elapsed_tokens = state.get("step", 0), state.get("elapsed_tokens", 0)
+    started = time.perf_counter() - state.get("seconds", 0.0)
+    after, best = state.get("after") or {}, state.get("best")
+    # ``done``: the data position, (epoch, batches of it finished). ``epoch_end``: while the
+    # validation and samples after an epoch run, the metric rows and samples from before them.
+    done = (state.get("epoch", 0), state.get("batch_in_epoch", 0))
+    epoch_end: tuple[int, int] | None = None
+
     def checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
-        path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch)
+        rows, n_samples = epoch_end or (rows_logged, len(sample_log))
+        extra = {"elapsed_tokens": elapsed_tokens, "seconds": time.perf_counter() - started, "metrics_rows": rows,
+                 "samples": sample_log[:n_samples], "before": before, "after": after, "best": best,
+                 "device": str(device), "dtype": str(compute)}
+        path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
         emit({"type": "checkpoint", "step": step, "path": str(path)})
 
-    before = validate(0, 0.0, 0)
-    bar = _Progress(total_steps, enabled=show_progress)
-    step, elapsed_tokens, started = 0, 0, time.perf_counter()
-    status, epoch, batch_in_epoch, after = "succeeded", 0, 0, {}
+    bar = _Progress(total_steps, enabled=show_progress, done=step)
+    status, busy = "succeeded", False
+    stop = _DeferredInterrupt()
     try:
-        for epoch in range(cfg.epochs):
-            order = np.random.default_rng(cfg.seed + epoch).permutation(len(train_blocks))
-            for batch_in_epoch in range(steps_per_epoch):
+        with stop:
+            for epoch in range(done[0], cfg.epochs):
                 if step >= total_steps:
                     break
-                if should_stop and should_stop():
-                    status = "cancelled"
+                order = np.random.default_rng(cfg.seed + epoch).permutation(len(train_blocks))
+                for batch_in_epoch in range(done[1] if epoch == done[0] else 0, steps_per_epoch):
+                    if step >= total_steps:
+                        break
+                    if should_stop and should_stop():
+                        status = "cancelled"
+                        break
+                    idx = order[batch_in_epoch * cfg.batch_size : (batch_in_epoch + 1) * cfg.batch_size]
+                    busy = True  # weights, optimizer and position disagree until the step is logged
+                    try:
+                        result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
+                    except Exception as err:  # a compiler missing or failing here: go on uncompiled
+                        if not compiled or step > 0:
+                            raise
+                        compiled = False
+                        uncompile_layers(model)
+                        opt.zero_grad(set_to_none=True)
+                        emit({"type": "info", "message": f"torch.compile failed ({type(err).__name__}); training uncompiled"})
+                        result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
+                    step += 1
+                    done = (epoch, batch_in_epoch + 1)
+                    elapsed_tokens += result["tokens"]
+                    seconds = time.perf_counter() - started
+                    row = {"step": step, "epoch": round(epoch + (batch_in_epoch + 1) / steps_per_epoch, 4),
+                           "elapsed_tokens": elapsed_tokens, "training_loss": result["loss"],
+                           "training_token_accuracy": result["accuracy"], "learning_rate": sched.get_last_lr()[0],
+                           "tokens_per_second": elapsed_tokens / seconds, "elapsed_seconds": seconds}
+                    log(row)
+                    busy = False
+                    emit({"type": "metrics", "total_steps": total_steps, **row})
+                    bar.update(step, result["loss"], row["tokens_per_second"])
+                    if cfg.save_every and step % cfg.save_every == 0:
+                        checkpoint(step, *done)
+                    stop.check()
+                if status == "cancelled":
                     break
-                idx = order[batch_in_epoch * cfg.batch_size : (batch_in_epoch + 1) * cfg.batch_size]
-                try:
-                    result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
-                except Exception as err:  # a compiler missing or failing here: go on uncompiled
-                    if not compiled or step > 0:
-                        raise
-                    compiled = False
-                    uncompile_layers(model)
-                    opt.zero_grad(set_to_none=True)
-                    emit({"type": "info", "message": f"torch.compile failed ({type(err).__name__}); training uncompiled"})
-                    result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
-                step += 1
-                elapsed_tokens += result["tokens"]
-                seconds = time.perf_counter() - started
-                row = {"step": step, "epoch": round(epoch + (batch_in_epoch + 1) / steps_per_epoch, 4),
-                       "elapsed_tokens": elapsed_tokens, "training_loss": result["loss"],
-                       "training_token_accuracy": result["accuracy"], "learning_rate": sched.get_last_lr()[0],
-                       "tokens_per_second": elapsed_tokens / seconds, "elapsed_seconds": seconds}
-                log(row)
-                emit({"type": "metrics", "total_steps": total_steps, **row})
-                bar.update(step, result["loss"], row["tokens_per_second"])
-                if cfg.save_every and step % cfg.save_every == 0:
-                    checkpoint(step, epoch, batch_in_epoch + 1)
-            if status == "cancelled":
-                break
-            after = validate(step, float(epoch + 1), elapsed_tokens)
-            if after:
-                bar.note(f"epoch {epoch + 1}: validation loss {after['loss']:.3f}, perplexity {after['perplexity']:.2f}")
-            if samples and prompts:
-                with eager_layers(model):
-                    samples_now = _write_samples(model, tok, prompts, cfg)
-                sample_log.append({"epoch": epoch + 1, "step": step, "samples": samples_now})
-                _save_samples(run, sample_log)
-            checkpoint(step, epoch + 1, 0)
-            if step >= total_steps:
-                break
+                epoch_end = (rows_logged, len(sample_log))
+                after = validate(step, float(epoch + 1), elapsed_tokens)
+                if after:
+                    bar.note(f"epoch {epoch + 1}: validation loss {after['loss']:.3f}, perplexity {after['perplexity']:.2f}")
+                    if best is None or after["loss"] < best["validation_loss"]:
+                        best = {"step": step, "validation_loss": after["loss"]}
+                        save_best(run, model, cfg, best)
+                stop.check()
+                if samples and prompts:
+                    with eager_layers(model):
+                        samples_now = _write_samples(model, tok, prompts, cfg)
+                    sample_log.append({"epoch": epoch + 1, "step": step, "samples": samples_now})
+                    _save_samples(run, sample_log)
+                stop.check()
+                epoch_end, done = None, (epoch + 1, 0)
+                checkpoint(step, *done)
+                stop.check()
     except KeyboardInterrupt:
         bar.close()
-        checkpoint(step, epoch, batch_in_epoch)
+        if not busy and not stop.hard:  # otherwise the last checkpoint on disk stands
+            checkpoint(step, *done)
         run.set_status("interrupted", step=step)
         _finish(run, cfg, before, None, time.perf_counter() - started, elapsed_tokens)
         emit({"type": "done", "status": "interrupted", "path": str(run.path)})
         raise
     bar.close()
     if status == "cancelled":
-        checkpoint(step, epoch, batch_in_epoch)
+        checkpoint(step, *done)
     seconds = time.perf_counter() - started
     final = after if status == "succeeded" else None  # a finished run ends with a validation
     run.set_status(status, step=step)
@@ -485,31 +639,172 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     emit({"type": "done", "status": status, "path": str(run.path)})
 
 
-def save_checkpoint(run: Run, model, opt, sched, cfg: TrainConfig, step: int, epoch: int, batch_in_epoch: int) -> Path:
+class _DeferredInterrupt:
+    """While training in the main thread, the first Ctrl-C asks for a stop at the next safe point
+    (after the current step), so the checkpoint written on the way out is consistent; a second
+    Ctrl-C stops at once and the newest checkpoint on disk stands. A caller's own SIGINT
+    handler (the server's worker) is left alone."""
+
+    def __init__(self):
+        self.requested = False
+        self.hard = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.hard = True
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\nstopping after the current step (Ctrl-C again to stop at once)\n")
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def _weights_name(cfg: TrainConfig) -> str:
+    return "adapter" if cfg.method == "lora" else "model"
+
+
+def _sync_dir(path: Path) -> None:
+    """Flush a directory's files and the directory itself to disk, so that once it is renamed
+    into place it survives a power loss whole."""
+    import os
+
+    for item in sorted(path.rglob("*"), reverse=True):
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run: Run, model, opt, sched, cfg: TrainConfig, step: int, epoch: int, batch_in_epoch: int,
+                    extra: dict | None = None) -> Path:
     """Write checkpoints/step-N (weights + everything an exact resume needs), then publish its
-    weights as the run's current weights. Each directory appears whole or not at all."""
+    weights as the run's current weights, and keep the newest ``cfg.keep_checkpoints``. Each
+    directory appears whole or not at all, and is on disk before it appears."""
     import torch
 
     target = run.path / "checkpoints" / f"step-{step:06d}"
-    weights_name = "adapter" if cfg.method == "lora" else "model"
+    weights_name = _weights_name(cfg)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp / weights_name)
         torch.save(
             {
                 "step": step,
                 "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,  # data position: batches of this epoch already seen
+                "batch_in_epoch": batch_in_epoch,  # data position: batches of this epoch already done
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                "rng": rng,
+                **(extra or {}),
             },
             tmp / "trainer_state.pt",
         )
+        _sync_dir(tmp)
     with atomic_dir(run.path / weights_name, overwrite=True) as tmp:
         shutil.copytree(target / weights_name, tmp, dirs_exist_ok=True)
-    for old in run.checkpoints()[:-2]:  # keep the last two
+        _sync_dir(tmp)
+    for old in run.checkpoints()[: -cfg.keep_checkpoints]:
         shutil.rmtree(old["path"], ignore_errors=True)
     return target
+
+
+def save_best(run: Run, model, cfg: TrainConfig, best: dict) -> None:
+    """Publish the current weights as best/ (the lowest validation loss so far), with best.json
+    naming the step and the loss."""
+    with atomic_dir(run.path / "best", overwrite=True) as tmp:
+        model.save_pretrained(tmp / _weights_name(cfg))
+        write_json(tmp / "best.json", best)
+        _sync_dir(tmp)
+
+
+def _load_weights(model, path: Path, cfg: TrainConfig) -> None:
+    """Load saved trainable weights into ``model`` in place."""
+    import torch
+    from safetensors.torch import load_file
+
+    if cfg.method == "lora":
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"unexpected adapter weights: {result.unexpected_keys[:3]}")
+        return
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = {k: v for name in files for k, v in load_file(str(path / name)).items()}
+    else:
+        weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"weights do not fit the model (missing {list(missing)[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        model.tie_weights()
+
+
+def load_checkpoint(run: Run, cfg: TrainConfig, model, opt, sched, device: str, dtype: str, emit) -> dict | None:
+    """Restore the newest readable checkpoint into ``model``, ``opt`` and ``sched`` and set the RNG
+    states; returns its trainer state, or None when the run has no checkpoint."""
+    import torch
+
+    for ckpt in reversed(run.checkpoints()):
+        path = Path(ckpt["path"])
+        try:
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+            _load_weights(model, path / _weights_name(cfg), cfg)
+        except Exception as err:  # a damaged checkpoint: an older one may still be whole
+            emit({"type": "info", "message": f"skipping checkpoint {path.name}: {type(err).__name__}: {err}"})
+            continue
+        for key, now in (("device", device), ("dtype", dtype)):
+            if state.get(key, now) != now:
+                raise TunesmithError(
+                    f"the checkpoint was trained with {key} {state[key]}, this machine gives {now}; "
+                    "resuming there would not continue the same computation", file=path, field=key,
+                )
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        emit({"type": "info", "message": f"resuming from {path.name} (step {state['step']}, epoch {state['epoch']}, "
+                                         f"{state['batch_in_epoch']} batches of it done)"})
+        return state
+    emit({"type": "info", "message": "no checkpoint to resume from; training from the first step"})
+    return None
+
+
+def _keep_metric_rows(run: Run, count: int) -> None:
+    """Keep the first ``count`` rows of metrics.jsonl: the rows a checkpoint knew of."""
+    from .atomic import write_jsonl
+
+    write_jsonl(run.path / "metrics.jsonl", run.metrics()[:count])
 
 
 def _default_prompts(prepared: dict) -> list[str]:
@@ -612,7 +907,7 @@ def _versions() -> dict:
 class _Progress:
     """A rich progress bar: step, loss, tokens/s, ETA."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, done: int = 0):
         self.bar = None
         if not enabled:
             return
@@ -624,7 +919,7 @@ class _Progress:
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         )
         self.bar.start()
-        self.task = self.bar.add_task("train", total=total, loss="-", tps="-")
+        self.task = self.bar.add_task("train", total=total, completed=done, loss="-", tps="-")
 
     def update(self, step: int, loss: float, tps: float) -> None:
         if self.bar:

@@ -257,14 +257,19 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique pref
 @jobs_app.command("retry")
 @_friendly
 def jobs_retry(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
-    """Queue a failed or cancelled job again (it trains from the start when `tunesmith serve` runs)."""
+    """Queue a failed or cancelled job again: it resumes from its last checkpoint (or trains from the
+    start when it has none) once `tunesmith serve` runs."""
+    from .store import resume_step
+
     store = _store()
     job = find_job(store, job_id)
     try:
         job = store.retry_job(job["id"])
     except ValueError as exc:
         raise TunesmithError(str(exc)) from None
-    typer.echo(f"{job['id']}: queued again")
+    step = resume_step(job["run_dir"])
+    typer.echo(f"{job['id']}: queued again; " + (f"it resumes from its checkpoint at step {step}" if step is not None
+                                                  else "it trains from the start"))
 
 
 def main() -> None:

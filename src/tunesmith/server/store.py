@@ -97,6 +97,20 @@ def restart_hint(job_id: str) -> str:
     return f"`tunesmith jobs retry {job_id}` (with `tunesmith serve` running)"
 
 
+def resume_step(run_dir: str | Path) -> int | None:
+    """The step a job's unfinished run would resume from (its newest checkpoint), or None when
+    there is nothing to resume and the job trains from the start."""
+    from ..rundir import Run, is_run_dir
+
+    if not is_run_dir(run_dir):
+        return None
+    run = Run(run_dir)
+    checkpoints = run.checkpoints()
+    if run.status == "succeeded" or not checkpoints:
+        return None
+    return checkpoints[-1]["step"]
+
+
 class Store:
     """All reads and writes of the server's durable state. Safe to use from many threads and processes:
     each operation opens its own short-lived connection (SQLite WAL, busy timeout 30 s)."""
@@ -272,20 +286,26 @@ class Store:
         return bool(row and row["cancel_requested"])
 
     def retry_job(self, job_id: str) -> dict | None:
-        """Put a failed or cancelled job back at the end of the queue (it trains again from the start)."""
+        """Put a failed or cancelled job back at the end of the queue. When its run has a checkpoint
+        the worker resumes from it (metrics and checkpoints after that step are dropped, as the
+        resumed run reports them again); otherwise it trains again from the start."""
         with self._tx() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = db.execute("SELECT status, run_dir FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 return None
             if row["status"] not in ("failed", "cancelled"):
                 raise ValueError(f"job {job_id} is {row['status']}; only failed or cancelled jobs can be retried")
+            step = resume_step(row["run_dir"])
             db.execute(
                 "UPDATE jobs SET status='queued', queued_at=?, started_at=NULL, finished_at=NULL, error=NULL,"
                 " cancel_requested=0, worker_pid=NULL, fine_tuned_model=NULL, trained_tokens=NULL WHERE id=?",
                 (time.time(), job_id),
             )
-            db.execute("DELETE FROM checkpoints WHERE job_id=?", (job_id,))
-        self.add_event(job_id, "Job queued again (retry)")
+            db.execute("DELETE FROM checkpoints WHERE job_id=? AND step>?", (job_id, -1 if step is None else step))
+            db.execute("DELETE FROM events WHERE job_id=? AND type='metrics' AND json_extract(data, '$.step')>?",
+                       (job_id, 0 if step is None else step))
+        self.add_event(job_id, "Job queued again (retry); " + (
+            f"it resumes from its checkpoint at step {step}" if step is not None else "it trains from the start"))
         return self.get_job(job_id)
 
     def claim_next_job(self, pid: int) -> dict | None:

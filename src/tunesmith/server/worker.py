@@ -8,6 +8,7 @@ SIGINT/SIGTERM (Ctrl-C on ``tunesmith serve``, or the server shutting down) stop
 after the current step: a checkpoint is saved and the job is marked failed with a restart hint.
 So does the death of the server that started it (``--parent-pid``, see lifeline.py).
 If the worker is killed outright, the next server to start sees the free lock and marks the job failed.
+A retried job whose run has a checkpoint resumes from it (``train.resume``) instead of starting over.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from .lifeline import watch_parent
-from .store import Store, fine_tuned_model_id, mark_run_failed, restart_hint
+from .store import Store, fine_tuned_model_id, mark_run_failed, restart_hint, resume_step
 
 POLL_SECONDS = 0.5
 
@@ -141,22 +142,29 @@ class JobRunner:
             from .. import train
             from ..errors import TunesmithError
 
-            run = train.finetune(
-                file["path"],
-                validation=validation,
-                base=job["model"],
-                out=job["run_dir"],
-                epochs=int(hp["n_epochs"]),
-                lr=_learning_rate(hp.get("learning_rate_multiplier", 1.0)),
-                batch_size=int(hp["batch_size"]),
-                seed=int(job["seed"]),
-                overwrite=True,
-                on_event=self.on_event,
-                should_stop=self.should_stop,
-                progress=False,
-                samples=bool(hp.get("samples", False)),
-                **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
-            )
+            step = resume_step(job["run_dir"])
+            if step is not None:
+                self.step = step
+                store.add_event(job_id, f"Resuming from the checkpoint at step {step}")
+                run = train.resume(job["run_dir"], on_event=self.on_event, should_stop=self.should_stop,
+                                   progress=False, samples=bool(hp.get("samples", False)))
+            else:
+                run = train.finetune(
+                    file["path"],
+                    validation=validation,
+                    base=job["model"],
+                    out=job["run_dir"],
+                    epochs=int(hp["n_epochs"]),
+                    lr=_learning_rate(hp.get("learning_rate_multiplier", 1.0)),
+                    batch_size=int(hp["batch_size"]),
+                    seed=int(job["seed"]),
+                    overwrite=True,
+                    on_event=self.on_event,
+                    should_stop=self.should_stop,
+                    progress=False,
+                    samples=bool(hp.get("samples", False)),
+                    **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
+                )
         except TunesmithError as err:
             return self._fail("invalid_training_file" if err.file or err.line else "training_error",
                               str(err), err.field)
