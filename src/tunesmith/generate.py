@@ -350,36 +350,47 @@ def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | Non
     import torch
 
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    raw = logits
+    shaped = _shape_logits(logits, seen, params)
+    if params.temperature == 0:
+        token = shaped.argmax(dim=-1)
+    else:
+        token = torch.multinomial(shaped.softmax(-1), 1, generator=generator).squeeze(1)
+    lp = (logits.gather(1, token[:, None]) - log_norm).squeeze(1)
+    top = None
+    if logprobs:
+        values, ids = torch.topk(logits, logprobs, dim=-1)
+        values = values - log_norm
+        top = [
+            {str(int(i)): float(v) for i, v in zip(row_ids, row_vals)} for row_ids, row_vals in zip(ids, values)
+        ]
+    return token, lp, top
+
+
+def _shape_logits(logits, seen, params: SamplingParams):
+    """The logits sampling draws from: the repetition penalty on ``seen`` ids (a positive logit is
+    divided by it, a negative one multiplied, once per id), then, unless greedy, temperature,
+    top-k, and top-p (the smallest set of most likely tokens whose probability reaches top_p);
+    removed tokens get -inf."""
+    import torch
+
     if seen is not None:
         logits = logits.clone()
         picked = logits.gather(1, seen)
         picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
         logits.scatter_(1, seen, picked)
     if params.temperature == 0:
-        token = logits.argmax(dim=-1)
-    else:
-        logits = logits / params.temperature
-        if params.top_k:
-            kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) > params.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-        probs = logits.softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    lp = (raw.gather(1, token[:, None]) - log_norm).squeeze(1)
-    top = None
-    if logprobs:
-        values, ids = torch.topk(raw, logprobs, dim=-1)
-        values = values - log_norm
-        top = [
-            {str(int(i)): float(v) for i, v in zip(row_ids, row_vals)} for row_ids, row_vals in zip(ids, values)
-        ]
-    return token, lp, top
+        return logits
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # the mass above this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return logits
 
 
 class _KernelSwitch:
