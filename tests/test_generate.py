@@ -330,3 +330,38 @@ def test_unknown_model_is_a_clear_error(tiny_model_dir):
         load("definitely-not-a-model")
     with pytest.raises(TunesmithError, match="not in the local Hugging Face cache"):
         load("someone/not-cached-model-xyz")
+
+
+def test_a_pass_outside_decoding_steps_waits_until_onednn_is_back_on():
+    import threading
+
+    import torch
+
+    from tunesmith.generate import _kernels
+
+    was = torch.backends.mkldnn.enabled
+    seen = []
+    in_step, release, prefilled = threading.Event(), threading.Event(), threading.Event()
+
+    def decoding_step():
+        with _kernels(True):
+            seen.append(("step", torch.backends.mkldnn.enabled))
+            in_step.set()
+            release.wait(10)
+
+    def prefill():
+        with _kernels(False):
+            seen.append(("prefill", torch.backends.mkldnn.enabled))
+        prefilled.set()
+
+    step = threading.Thread(target=decoding_step)
+    step.start()
+    assert in_step.wait(10)
+    other = threading.Thread(target=prefill)
+    other.start()
+    assert not prefilled.wait(0.3)  # held while the step runs with oneDNN off
+    release.set()
+    step.join()
+    other.join()
+    assert seen == [("step", False), ("prefill", was)]
+    assert torch.backends.mkldnn.enabled == was
