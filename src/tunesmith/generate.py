@@ -294,6 +294,7 @@ class _Text:
         # lets byte-level and sentencepiece tokenizers join pieces as a full decode would.
         self._prefix = 0
         self._read = 0
+        self._cut = False  # a stop string cut the text
 
     def add(self, token: int) -> bool:
         """Take the next sampled token; False when it is a stop token (not part of the completion)."""
@@ -308,7 +309,7 @@ class _Text:
 
     def close(self) -> None:
         """The completion ends here: show any held-back bytes, and say why it ended."""
-        if self.finish is None:
+        if not self._cut:
             self._read_text(final=True)
         if self.finish is None:
             self.finish = "length"
@@ -339,6 +340,7 @@ class _Text:
                 self.text = self.text[:cut]
                 self.completion_tokens = sum(1 for start in self._starts if start < cut)
                 self.finish = "stop"
+                self._cut = True
 
 
 def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | None):
