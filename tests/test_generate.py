@@ -45,21 +45,273 @@ def test_stream_yields_the_same_text_as_generate(model):
     assert all(c.finish_reason is None for c in chunks[:-1])
 
 
-def test_stop_sequence_cuts_and_is_never_streamed(model):
-    full = model.generate("Words:", max_tokens=40, seed=5, temperature=1.0)[0].text
-    assert len(full) > 10
-    stop = full[6:9]  # a string the model is known to write with this seed
-    cut = model.generate("Words:", max_tokens=40, seed=5, temperature=1.0, stop=[stop])[0]
-    assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
-    streamed = "".join(c.text for c in model.stream("Words:", max_tokens=40, seed=5, temperature=1.0, stop=[stop]))
-    assert streamed == cut.text
+def _generate_and_stream(model, prompt, **kw):
+    """What generate() and stream() return for the same arguments: (text, finish, tokens) each."""
+    full = model.generate(prompt, **kw)[0]
+    chunks = list(model.stream(prompt, **kw))
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    streamed = ("".join(c.text for c in chunks), chunks[-1].finish_reason, chunks[-1].completion_tokens)
+    return (full.text, full.finish_reason, full.completion_tokens), streamed, full
 
 
-def test_logprobs_are_log_probabilities(model):
-    out = model.generate("Hi", max_tokens=5, seed=0, logprobs=3)[0]
-    assert len(out.token_logprobs) == len(out.tokens)
-    assert all(lp <= 0 for lp in out.token_logprobs)
-    assert all(len(top) == 3 for top in out.top_logprobs)
+def _covering_tokens(tokenizer, ids, text):
+    """Reference count: the fewest leading tokens whose decoded text starts with ``text``."""
+    for k in range(len(ids) + 1):
+        if tokenizer.decode(ids[:k], skip_special_tokens=True).startswith(text):
+            return k
+    raise AssertionError("text is not written by these tokens")
+
+
+@pytest.mark.parametrize("seed", [5, 11])
+def test_stop_sequences_cut_generate_and_stream_alike(model, seed):
+    kw = {"max_tokens": 40, "seed": seed, "temperature": 1.0}
+    plain = model.generate("Words:", **kw)[0]
+    assert plain.finish_reason == "length" and len(plain.text) > 12
+    pieces = plain.tokens
+    assert "".join(pieces) == plain.text  # whole characters per token, so offsets are known
+    boundary = len(pieces[0]) + len(pieces[1]) + len(pieces[2])  # where the 4th token's text starts
+    cases = [
+        [plain.text[6:9]],  # somewhere in the text
+        [plain.text[boundary - 1 : boundary + 1]],  # straddles the 3rd/4th token boundary
+        [plain.text[boundary : boundary + 2]],  # starts exactly at a token
+        [plain.text[9:12], plain.text[3:5]],  # two stops: the earlier one wins
+        ["\x00not written\x00"],  # never written: same as no stop
+    ]
+    for stop in cases:
+        got, streamed, full = _generate_and_stream(model, "Words:", stop=stop, **kw)
+        assert got == streamed, stop
+        hits = [plain.text.find(s) for s in stop if s in plain.text]
+        if not hits:
+            assert got == (plain.text, "length", plain.completion_tokens)
+            continue
+        cut = min(hits)
+        assert got[0] == plain.text[:cut] and got[1] == "stop"
+        assert not any(s in got[0] for s in stop)
+        assert len(full.tokens) == got[2] == len(full.token_logprobs)
+        assert "".join(full.tokens).startswith(got[0]) and plain.tokens[: got[2]] == full.tokens
+        # tokens up to the stop: those that wrote some of the kept text, none wholly inside the stop
+        assert got[2] == min(k for k in range(len(pieces) + 1) if "".join(pieces[:k]).startswith(got[0]))
+
+
+SCRIPT = " The cat sat on the mat. The dog ran"
+
+
+def _scripted(model, monkeypatch, ids):
+    """Make the model write exactly ``ids`` (then max_tokens runs out), to test stops on known tokens."""
+    import torch
+
+    def steps(prompt, params, n, logprobs):
+        for tid in ids[: params.max_tokens]:
+            yield torch.full((n,), tid), torch.full((n,), -1.0), None
+
+    monkeypatch.setattr(model, "_decode_steps", steps)
+
+
+def test_stop_at_special_tokens_and_eos(model, monkeypatch):
+    tok = model.tokenizer
+    words = tok.encode(SCRIPT, add_special_tokens=False)
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert endoftext not in model.eos_ids and endoftext in tok.all_special_ids
+    ids = words[:4] + [endoftext] + words[4:]
+    _scripted(model, monkeypatch, ids)
+    before = tok.decode(words[:4])
+
+    # a stop string that is one special token: the text ends before it, and it is not counted
+    for stop in (["<|endoftext|>"], ["<|endoftext|>", "never"]):
+        got, streamed, full = _generate_and_stream(model, "x", max_tokens=30, stop=stop)
+        assert got == streamed == (before, "stop", 4)
+        assert full.tokens == [tok.decode([t]) for t in words[:4]]
+
+    # without it, a special token is not shown but is a token the model wrote
+    got, streamed, _ = _generate_and_stream(model, "x", max_tokens=30)
+    assert got == streamed == (SCRIPT, "length", len(ids))
+
+    # the model's eos (here <|im_end|>) ends the text the same way, asked for or not
+    eos = model.eos_ids[0]
+    _scripted(model, monkeypatch, words[:5] + [eos] + words[5:])
+    for stop in ([], [tok.decode([eos])]):
+        got, streamed, _ = _generate_and_stream(model, "x", max_tokens=30, stop=stop)
+        assert got == streamed == (tok.decode(words[:5]), "stop", 5)
+
+
+def test_scripted_stops_on_known_tokens(model, monkeypatch):
+    tok = model.tokenizer
+    ids = tok.encode(SCRIPT, add_special_tokens=False)
+    pieces = [tok.decode([t]) for t in ids]
+    assert "".join(pieces) == SCRIPT
+    _scripted(model, monkeypatch, ids)
+    for stop, want in [
+        ("t on", " The cat sa"),  # starts inside " sat" and runs into " on"
+        (" on", " The cat sat"),  # starts exactly at a token
+        (". The", " The cat sat on the mat"),
+        ("ran", " The cat sat on the mat. The dog "),  # the last token
+        (" The", ""),  # the very first token
+    ]:
+        got, streamed, _ = _generate_and_stream(model, "x", max_tokens=30, stop=[stop])
+        assert got == streamed == (want, "stop", _covering_tokens(tok, ids, want)), stop
+    assert _covering_tokens(tok, ids, " The cat sa") == 3 and _covering_tokens(tok, ids, " The cat sat") == 3
+    # max_tokens runs out before the stop would be written
+    got, streamed, _ = _generate_and_stream(model, "x", max_tokens=3, stop=[" on"])
+    assert got == streamed == (" The cat sat", "length", 3)
+
+
+def test_stream_holds_back_only_a_possible_stop_start(model, monkeypatch):
+    tok = model.tokenizer
+    ids = tok.encode(" caf\u00e9 \u2615 done", add_special_tokens=False)
+    _scripted(model, monkeypatch, ids)
+    got, streamed, _ = _generate_and_stream(model, "x", max_tokens=30, stop=["dog"])
+    assert got == streamed == (" caf\u00e9 \u2615 done", "length", len(ids))
+    chunks = [c.text for c in model.stream("x", max_tokens=30, stop=["dog"])]
+    assert len(chunks) > 2  # written as it comes, not all at the end
+    assert not any("\ufffd" in c for c in chunks)  # never half a character
+
+    ids = tok.encode(SCRIPT, add_special_tokens=False)
+    pieces = [tok.decode([t]) for t in ids]
+    _scripted(model, monkeypatch, ids)
+    chunks = [c.text for c in model.stream("x", max_tokens=30, stop=["mat!"])]
+    mat = pieces.index(" mat")
+    # " mat" might begin "mat!": only "mat" waits for the next token; everything else goes out at once
+    assert chunks == pieces[:mat] + [" ", "mat" + pieces[mat + 1]] + pieces[mat + 2 :] + [""]
+
+
+def _reference_logprobs(model, prompt, ids):
+    """log_softmax of the logits of one full forward pass over prompt + ids, in fp32."""
+    import torch
+
+    context = torch.tensor([model.tokenizer.encode(prompt, add_special_tokens=False) + ids])
+    with torch.no_grad():
+        logits = model.model(input_ids=context).logits[0].float()
+    start = context.shape[1] - len(ids) - 1
+    return torch.log_softmax(logits[start : start + len(ids)], dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model32(tiny_model_dir):
+    return load("tiny-llama", dtype="fp32")
+
+
+def test_logprobs_equal_log_softmax_of_the_logits(model32):
+    out = model32.generate("Hi there", max_tokens=6, temperature=0, logprobs=3)[0]
+    ids = [int(max(top, key=top.get)) for top in out.top_logprobs]  # greedy: the top-1 id is the pick
+    assert out.tokens == [model32.tokenizer.decode([t]) for t in ids]
+    ref = _reference_logprobs(model32, "Hi there", ids)
+    for step, (lp, top) in enumerate(zip(out.token_logprobs, out.top_logprobs)):
+        assert lp == pytest.approx(float(ref[step, ids[step]]), abs=1e-4)
+        values, best = ref[step].topk(3)
+        assert list(top) == [str(int(i)) for i in best]
+        assert list(top.values()) == pytest.approx([float(v) for v in values], abs=1e-4)
+
+
+def test_sampled_logprobs_are_the_models_not_the_shaped_ones(model32):
+    # with temperature, top-k and a repetition penalty, the logprob is still the model's own
+    out = model32.generate("Hi there", max_tokens=5, temperature=1.7, top_k=5, repetition_penalty=1.5,
+                           seed=3, logprobs=20)[0]
+    ids = []
+    for piece, top, lp in zip(out.tokens, out.top_logprobs, out.token_logprobs):
+        matches = [int(i) for i in top if model32.tokenizer.decode([int(i)]) == piece]
+        assert len(matches) == 1  # the shaped top 5 lies in the model's top 20
+        ids.append(matches[0])
+    ref = _reference_logprobs(model32, "Hi there", ids)
+    assert out.token_logprobs == pytest.approx([float(ref[s, t]) for s, t in enumerate(ids)], abs=1e-4)
+
+
+# -- sampling rules against small reference implementations ---------------------------------
+
+LOGITS = [2.0, 1.2, 0.9, 0.3, -0.4, -1.0, -2.5, 0.0]
+
+
+def _ref_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, seen=()):
+    """Plain-Python reference: penalty, temperature, top-k, top-p (smallest top set reaching top_p)."""
+    import math
+
+    x = list(logits)
+    for i in set(seen):
+        x[i] = x[i] / penalty if x[i] > 0 else x[i] * penalty
+    x = [v / temperature for v in x]
+    keep = set(range(len(x)))
+    order = sorted(range(len(x)), key=lambda i: -x[i])
+    if top_k:
+        keep = set(order[:top_k])
+    weights = [math.exp(x[i]) if i in keep else 0.0 for i in range(len(x))]
+    total = sum(weights)
+    probs = [w / total for w in weights]
+    if top_p < 1.0:
+        mass, kept = 0.0, set()
+        for i in order:
+            if i in keep and mass < top_p:
+                kept.add(i)
+                mass += probs[i]
+        weights = [probs[i] if i in kept else 0.0 for i in range(len(x))]
+        probs = [w / sum(weights) for w in weights]
+    return probs
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 1.0},
+        {"temperature": 0.5},
+        {"temperature": 2.0},
+        {"top_k": 1},
+        {"top_k": 3},
+        {"top_k": 3, "temperature": 0.7},
+        {"top_p": 0.3},
+        {"top_p": 0.5},
+        {"top_p": 0.8},
+        {"top_p": 0.95, "temperature": 1.5},
+        {"top_k": 4, "top_p": 0.6},
+        {"penalty": 1.5, "seen": [0, 0, 4]},
+        {"penalty": 2.0, "seen": [1, 5], "top_k": 2},
+        {"penalty": 0.5, "seen": [3]},
+    ],
+)
+def test_shaped_distribution_matches_the_reference(settings):
+    import torch
+
+    from tunesmith.generate import SamplingParams, _shape_logits
+
+    s = dict(settings)
+    params = SamplingParams(temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0),
+                            top_p=s.get("top_p", 1.0), repetition_penalty=s.get("penalty", 1.0))
+    seen = torch.tensor([s["seen"]]) if "seen" in s else None
+    probs = _shape_logits(torch.tensor([LOGITS]), seen, params).softmax(-1)[0]
+    assert probs.tolist() == pytest.approx(_ref_probs(LOGITS, **s), abs=1e-6)
+
+
+def test_sampling_draws_follow_the_shaped_distribution():
+    import torch
+
+    from tunesmith.generate import SamplingParams, _sample
+
+    draws = 20000
+    for settings in ({"top_k": 3}, {"top_p": 0.8}, {"temperature": 0.5}):
+        params = SamplingParams(temperature=settings.get("temperature", 1.0), top_k=settings.get("top_k", 0),
+                                top_p=settings.get("top_p", 1.0))
+        gen = torch.Generator().manual_seed(0)
+        token, _, _ = _sample(torch.tensor([LOGITS]).expand(draws, -1), None, params, gen, None)
+        freq = torch.bincount(token, minlength=len(LOGITS)).double() / draws
+        want = _ref_probs(LOGITS, **settings)
+        assert all(f == 0 for f, p in zip(freq.tolist(), want) if p == 0)  # filtered tokens never drawn
+        assert freq.tolist() == pytest.approx(want, abs=0.015)  # > 5 standard errors
+
+
+def test_temperature_zero_is_argmax_after_the_penalty():
+    import torch
+
+    from tunesmith.generate import SamplingParams, _sample
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen)
+    token, _, _ = _sample(logits, None, SamplingParams(temperature=0, top_k=3, top_p=0.1), gen, None)
+    assert token.tolist() == logits.argmax(-1).tolist()
+    # a penalty moves the argmax once it is large enough: 2.0 / 1.5 < 1.5 < 2.0 / 1.1,
+    # and -0.5 * 1.5 < -0.6 < -0.5 * 1.1
+    rows = torch.tensor([[2.0, 1.5, -3.0], [-0.5, -0.6, -3.0]])
+    seen = torch.tensor([[0], [0]])
+    token, _, _ = _sample(rows, seen, SamplingParams(temperature=0, repetition_penalty=1.1), gen, None)
+    assert token.tolist() == [0, 0]
+    token, _, _ = _sample(rows, seen, SamplingParams(temperature=0, repetition_penalty=1.5), gen, None)
+    assert token.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize(
@@ -78,3 +330,38 @@ def test_unknown_model_is_a_clear_error(tiny_model_dir):
         load("definitely-not-a-model")
     with pytest.raises(TunesmithError, match="not in the local Hugging Face cache"):
         load("someone/not-cached-model-xyz")
+
+
+def test_a_pass_outside_decoding_steps_waits_until_onednn_is_back_on():
+    import threading
+
+    import torch
+
+    from tunesmith.generate import _kernels
+
+    was = torch.backends.mkldnn.enabled
+    seen = []
+    in_step, release, prefilled = threading.Event(), threading.Event(), threading.Event()
+
+    def decoding_step():
+        with _kernels(True):
+            seen.append(("step", torch.backends.mkldnn.enabled))
+            in_step.set()
+            release.wait(10)
+
+    def prefill():
+        with _kernels(False):
+            seen.append(("prefill", torch.backends.mkldnn.enabled))
+        prefilled.set()
+
+    step = threading.Thread(target=decoding_step)
+    step.start()
+    assert in_step.wait(10)
+    other = threading.Thread(target=prefill)
+    other.start()
+    assert not prefilled.wait(0.3)  # held while the step runs with oneDNN off
+    release.set()
+    step.join()
+    other.join()
+    assert seen == [("step", False), ("prefill", was)]
+    assert torch.backends.mkldnn.enabled == was

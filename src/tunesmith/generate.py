@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -80,7 +80,7 @@ class Model:
             ids.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(ids)
         self._cache_kwarg: str | None = None
-        # bf16 weights on a CPU: decoding steps use PyTorch's own bf16 kernels (see _small_batch_kernels).
+        # bf16 weights on a CPU: decoding steps use PyTorch's own bf16 kernels (see _KernelSwitch).
         self._cpu_bf16 = self.device.type == "cpu" and model.dtype == torch.bfloat16
 
     def __repr__(self) -> str:
@@ -129,7 +129,8 @@ class Model:
             seen = torch.empty((n, prompt_len + params.max_tokens), dtype=torch.long, device=self.device)
             seen[:, :prompt_len] = input_ids
         with torch.inference_mode():
-            out = self._forward(input_ids, cache, logits_to_keep=1)
+            with self._kernels(small=False):
+                out = self._forward(input_ids, cache, logits_to_keep=1)
             if n > 1:  # one prefill, then the cache is repeated for the n samples
                 cache.batch_repeat_interleave(n)
             logits = out.logits[:, -1, :].float().expand(n, -1)
@@ -141,9 +142,13 @@ class Model:
                     break  # the last token needs no forward pass after it
                 if seen is not None:
                     seen[:, length] = token
-                with _small_batch_kernels(self._cpu_bf16):
+                with self._kernels(small=self._cpu_bf16):
                     out = self._forward(token[:, None], cache)
                 logits = out.logits[:, -1, :].float()
+
+    def _kernels(self, *, small: bool):
+        """The CPU kernel switch for one forward pass (no switch on other devices)."""
+        return _kernels(small) if self.device.type == "cpu" else nullcontext()
 
     def _forward(self, input_ids, cache, **kwargs):
         """One forward pass that extends ``cache`` (``cache=``; transformers before 5.2x calls it ``past_key_values=``)."""
@@ -179,45 +184,34 @@ class Model:
         params = SamplingParams(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
         start = time.perf_counter()
         first = 0.0
-        tokens: list[list[int]] = [[] for _ in range(n)]
+        stop_ids = self._stop_ids(stop)
+        texts = [_Text(self.tokenizer, stop, stop_ids) for _ in range(n)]
         lps: list[list[float]] = [[] for _ in range(n)]
         tops: list[list[dict]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        prompt_tokens = 0
         for step, (token, lp, top) in enumerate(self._decode_steps(prompt, params, n, logprobs)):
             if step == 0:
                 first = time.perf_counter() - start
-            for i in range(n):
-                if finish[i]:
+            for i, text in enumerate(texts):
+                if text.finish:
                     continue
-                tid = int(token[i])
-                if tid in self.eos_ids:
-                    finish[i] = "stop"
-                    continue
-                tokens[i].append(tid)
-                lps[i].append(float(lp[i]))
-                if top is not None:
-                    tops[i].append(top[i])
-                if stop and _find_stop(self.tokenizer.decode(tokens[i][-64:]), stop) is not None:
-                    finish[i] = "stop"
-            if all(finish):
+                if text.add(int(token[i])):
+                    lps[i].append(float(lp[i]))
+                    if top is not None:
+                        tops[i].append(top[i])
+            if all(t.finish for t in texts):
                 break
         prompt_tokens = self._encode(prompt).shape[1]
         elapsed = time.perf_counter() - start
         results = []
-        for i in range(n):
-            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-            cut = _find_stop(text, stop) if stop else None
-            kept = tokens[i]
-            if cut is not None:
-                text = text[:cut]
-                kept = _tokens_within(self.tokenizer, tokens[i], text)
+        for i, text in enumerate(texts):
+            text.close()
+            kept = text.ids[: text.completion_tokens]
             results.append(
                 Completion(
-                    text=text,
-                    finish_reason=finish[i] or "length",
+                    text=text.text,
+                    finish_reason=text.finish,
                     prompt_tokens=prompt_tokens,
-                    completion_tokens=len(tokens[i]) + (1 if finish[i] == "stop" and cut is None else 0),
+                    completion_tokens=text.completion_tokens,
                     tokens=[self.tokenizer.decode([t]) for t in kept],
                     token_logprobs=lps[i][: len(kept)],
                     top_logprobs=tops[i][: len(kept)] if logprobs else None,
@@ -241,47 +235,112 @@ class Model:
         n: int = 1,
     ) -> Iterator[Chunk]:
         """Yield text as it is written. Text that might be the start of a stop sequence is held
-        back until it is known not to be one, so a stop sequence never reaches the reader."""
+        back until it is known not to be one, so a stop sequence never reaches the reader.
+        The chunks join to the text ``generate()`` writes with the same arguments, and the last
+        chunk carries the same finish_reason and completion_tokens."""
         if n != 1:
             raise TunesmithError("streaming writes one completion at a time", field="n")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         params = SamplingParams(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
-        tokens: list[int] = []
+        text = _Text(self.tokenizer, stop, self._stop_ids(stop))
         sent = 0
-        hold = max((len(s) for s in stop), default=0)
         for token, _, _ in self._decode_steps(prompt, params, 1, None):
-            tid = int(token[0])
-            if tid in self.eos_ids:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                yield Chunk(text[sent:], "stop", len(tokens) + 1)
-                return
-            tokens.append(tid)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = _find_stop(text, stop) if stop else None
-            if cut is not None:
-                yield Chunk(text[sent:cut], "stop", len(tokens))
-                return
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            safe = len(text) - hold
+            text.add(int(token[0]))
+            if text.finish:
+                break
+            safe = len(text.text) - text.held_back()
             if safe > sent:
-                yield Chunk(text[sent:safe], None, len(tokens))
+                yield Chunk(text.text[sent:safe], None, len(text.ids))
                 sent = safe
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        yield Chunk(text[sent:], "length", len(tokens))
+        text.close()
+        yield Chunk(text.text[sent:], text.finish, text.completion_tokens)
+
+    def _stop_ids(self, stop: Sequence[str]) -> set[int]:
+        """Token ids that end a completion: the model's eos, and any stop string that is one
+        special token (such as ``<|im_end|>``), which decoded text never shows."""
+        ids = set(self.eos_ids)
+        special = set(self.tokenizer.all_special_ids)
+        for s in stop:
+            if s:
+                enc = self.tokenizer.encode(s, add_special_tokens=False)
+                if len(enc) == 1 and enc[0] in special:
+                    ids.add(enc[0])
+        return ids
 
 
-def _find_stop(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
+class _Text:
+    """One completion's text, built a token at a time with stop sequences applied.
 
+    ``generate()`` and ``stream()`` both use it, so they cut at the same place and count the same
+    tokens. A stop token (eos, or a stop string that is one special token) ends the text and is not
+    counted. A stop string ends the text where it begins; the tokens counted are those that wrote
+    some of the kept text (a token that holds both the last kept characters and the start of the
+    stop string counts; tokens wholly inside or after the stop string do not). Special tokens are
+    not shown in the text.
+    """
 
-def _tokens_within(tokenizer, tokens: list[int], text: str) -> list[int]:
-    """The longest prefix of ``tokens`` whose decoded text fits inside ``text``."""
-    for k in range(len(tokens), -1, -1):
-        if len(tokenizer.decode(tokens[:k], skip_special_tokens=True)) <= len(text):
-            return tokens[:k]
-    return []
+    def __init__(self, tokenizer, stop: Sequence[str], stop_ids: set[int]):
+        self._tokenizer = tokenizer
+        self._stop = [s for s in stop if s]
+        self._longest = max((len(s) for s in self._stop), default=0)
+        self._stop_ids = stop_ids
+        self.ids: list[int] = []
+        self._starts: list[int] = []  # where each token's text begins in self.text
+        self.text = ""
+        self.finish: str | None = None
+        self.completion_tokens = 0
+        # ids[_prefix:_read] decode to the end of self.text; ids[_read:] are not shown yet
+        # (half of a multi-byte character). Decoding a short window keeps each step cheap and
+        # lets byte-level and sentencepiece tokenizers join pieces as a full decode would.
+        self._prefix = 0
+        self._read = 0
+        self._cut = False  # a stop string cut the text
+
+    def add(self, token: int) -> bool:
+        """Take the next sampled token; False when it is a stop token (not part of the completion)."""
+        if token in self._stop_ids:
+            self.finish = "stop"
+            return False
+        self.ids.append(token)
+        self._starts.append(len(self.text))
+        self.completion_tokens = len(self.ids)
+        self._read_text(final=False)
+        return True
+
+    def close(self) -> None:
+        """The completion ends here: show any held-back bytes, and say why it ended."""
+        if not self._cut:
+            self._read_text(final=True)
+        if self.finish is None:
+            self.finish = "length"
+
+    def held_back(self) -> int:
+        """How many characters at the end of the text could be the start of a stop string."""
+        for k in range(min(self._longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self._stop):
+                return k
+        return 0
+
+    def _read_text(self, *, final: bool) -> None:
+        if self._read == len(self.ids):
+            return
+        decode = self._tokenizer.decode
+        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        now = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if not final and (len(now) <= len(before) or now.endswith("\ufffd")):
+            return  # nothing visible yet, or half a character: wait for the next token
+        old = len(self.text)
+        self.text += now[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        if self._stop:
+            hits = [h for h in (self.text.find(s, max(0, old - self._longest + 1)) for s in self._stop) if h >= 0]
+            if hits:
+                cut = min(hits)
+                self.text = self.text[:cut]
+                self.completion_tokens = sum(1 for start in self._starts if start < cut)
+                self.finish = "stop"
+                self._cut = True
 
 
 def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | None):
@@ -293,31 +352,15 @@ def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | Non
     import torch
 
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    raw = logits
-    if seen is not None:
-        logits = logits.clone()
-        picked = logits.gather(1, seen)
-        picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-        logits.scatter_(1, seen, picked)
+    shaped = _shape_logits(logits, seen, params)
     if params.temperature == 0:
-        token = logits.argmax(dim=-1)
+        token = shaped.argmax(dim=-1)
     else:
-        logits = logits / params.temperature
-        if params.top_k:
-            kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) > params.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-        probs = logits.softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    lp = (raw.gather(1, token[:, None]) - log_norm).squeeze(1)
+        token = torch.multinomial(shaped.softmax(-1), 1, generator=generator).squeeze(1)
+    lp = (logits.gather(1, token[:, None]) - log_norm).squeeze(1)
     top = None
     if logprobs:
-        values, ids = torch.topk(raw, logprobs, dim=-1)
+        values, ids = torch.topk(logits, logprobs, dim=-1)
         values = values - log_norm
         top = [
             {str(int(i)): float(v) for i, v in zip(row_ids, row_vals)} for row_ids, row_vals in zip(ids, values)
@@ -325,38 +368,83 @@ def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | Non
     return token, lp, top
 
 
-_kernel_lock = threading.Lock()
-_kernel_users = 0  # decoding steps running now with oneDNN off
-_kernel_saved = True  # oneDNN's setting before the first of them
-
-
-@contextmanager
-def _small_batch_kernels(cpu_bf16: bool):
-    """Run a decoding step (a few rows) with oneDNN off when the weights are bf16 on a CPU.
-
-    oneDNN's bf16 matmul is built for big batches: for the (n, 576) x (576, k) products of a
-    decoding step, PyTorch's own bf16 kernels are about twice as fast (bench/results/LATEST.md).
-    The switch is process-wide, so concurrent generations share it through a count and the
-    last one out restores oneDNN's setting (for training and prefill).
-    """
-    global _kernel_users, _kernel_saved
-    if not cpu_bf16:
-        yield
-        return
+def _shape_logits(logits, seen, params: SamplingParams):
+    """The logits sampling draws from: the repetition penalty on ``seen`` ids (a positive logit is
+    divided by it, a negative one multiplied, once per id), then, unless greedy, temperature,
+    top-k, and top-p (the smallest set of most likely tokens whose probability reaches top_p);
+    removed tokens get -inf."""
     import torch
 
-    with _kernel_lock:
-        if _kernel_users == 0:
-            _kernel_saved = torch.backends.mkldnn.enabled
-        _kernel_users += 1
-        torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        with _kernel_lock:
-            _kernel_users -= 1
-            if _kernel_users == 0:
-                torch.backends.mkldnn.enabled = _kernel_saved
+    if seen is not None:
+        logits = logits.clone()
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        logits.scatter_(1, seen, picked)
+    if params.temperature == 0:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # the mass above this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return logits
+
+
+class _KernelSwitch:
+    """oneDNN off for decoding steps of bf16 weights on a CPU, without changing other generation work.
+
+    oneDNN's bf16 matmul is built for big batches: for the (n, 576) x (576, k) products of a
+    decoding step, PyTorch's own bf16 kernels are faster (bench/NOTES.md). The switch
+    (``torch.backends.mkldnn.enabled``) is process-wide and the two kernels round differently,
+    so every forward pass of a generation on a CPU goes through this switch: decoding steps
+    (``small=True``) run together, any other pass (prefill, fp32 models) waits until none of
+    them is running, and the other way round. A prefill never runs with oneDNN off, whatever
+    other requests are doing, so the same seed gives the same text alone or under load.
+    Waiters of the other kind stop new entries, so neither kind starves. Work outside
+    generation (training in another thread) does not take this switch: run it in another
+    process while generating, as the server's job worker does.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._small: bool | None = None  # the kind running now
+        self._active = 0
+        self._waiting = {True: 0, False: 0}
+        self._saved = True  # the process's oneDNN setting when no decoding step runs
+
+    @contextmanager
+    def __call__(self, small: bool):
+        import torch
+
+        with self._cond:
+            self._waiting[small] += 1
+            while self._active and (self._small != small or self._waiting[not small]):
+                self._cond.wait()
+            self._waiting[small] -= 1
+            if not self._active:
+                if small:
+                    self._saved = torch.backends.mkldnn.enabled
+                    torch.backends.mkldnn.enabled = False
+                self._small = small
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    if self._small:
+                        torch.backends.mkldnn.enabled = self._saved
+                    self._small = None
+                    self._cond.notify_all()
+
+
+_kernels = _KernelSwitch()
 
 
 def load(model: str | Path, *, device: str | None = None, dtype: str | None = "auto") -> Model:
