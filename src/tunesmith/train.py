@@ -323,12 +323,13 @@ def finetune(
         raise TunesmithError(f"unknown option(s): {', '.join(sorted(unknown))}")
     cfg = TrainConfig(**options)
     cfg.check()
+    from .device import pick_device, pick_dtype
+    from .rundir import check_out_dir
+
+    pick_dtype(pick_device(cfg.device), cfg.dtype)  # an unusable device or dtype fails before anything is written
     emit = on_event or (lambda event: None)
     out = Path(out) if out else default_out(data)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise TunesmithError("run directory already exists", file=out, hint="choose another --out, or pass --overwrite")
-        shutil.rmtree(out)
+    check_out_dir(out, overwrite)  # replaces only an earlier run (or an empty folder), never anything else
     if not Path(data).exists():
         raise TunesmithError("no such file or directory", file=data)
     from .models import resolve
@@ -339,7 +340,7 @@ def finetune(
     from .models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.base)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, replace_if=lambda p: check_out_dir(p, overwrite) is None) as tmp:
         prepared = load_data(data, cfg, tokenizer, tmp / "data", validation)
         tokenizer.save_pretrained(tmp / "tokenizer")
         config = {
@@ -573,6 +574,8 @@ def _finish(run: Run, cfg: TrainConfig, before: dict, after: dict | None, second
 
 
 def _run_readme(run: Run, cfg: TrainConfig, summary: dict) -> str:
+    import shlex
+
     before, after = summary.get("validation_before"), summary.get("validation_after")
     lines = [
         f"# Run {run.name}",
@@ -590,7 +593,7 @@ def _run_readme(run: Run, cfg: TrainConfig, summary: dict) -> str:
         "Write with it:",
         "",
         "```",
-        f'tunesmith generate {run.path} "Once upon a time"',
+        f'tunesmith generate {shlex.quote(str(run.path))} "Once upon a time"',
         "```",
         "",
         "Files: `config.json` (reproduces the run), `metrics.jsonl`, `loss.png`, `samples.md`, "
