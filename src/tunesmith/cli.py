@@ -111,7 +111,10 @@ def tokenize(
     out.print(table)
     if len(rows) > 200:
         out.print(f"... {len(rows) - 200} more")
-    out.print(f"[bold]{len(rows)} tokens[/] for {len(text)} characters ({len(text) / max(len(rows), 1):.2f} characters per token)")
+    from .wording import count
+
+    out.print(f"[bold]{count(len(rows), 'token')}[/] for {count(len(text), 'character')} "
+              f"({len(text) / max(len(rows), 1):.2f} characters per token)")
 
 
 @app.command()

@@ -392,7 +392,10 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
         total_steps = min(total_steps, cfg.max_steps)
     opt, sched = make_optimizer(model, cfg, total_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    emit({"type": "info", "message": f"{len(train_blocks)} blocks of {cfg.block_size} tokens, {total_steps} steps, {trainable:,} trainable parameters"})
+    from .wording import count
+
+    emit({"type": "info", "message": f"{count(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
+          f"{count(total_steps, 'step')}, {trainable:,} trainable parameters"})
     prompts = cfg.sample_prompts or _default_prompts(prepared)
     sample_log: list[dict] = []
 
