@@ -71,7 +71,7 @@ def prepare(
     )
     out.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     out.print(f"\nwrote [bold]{escape(str(result.dir))}[/]  (train.jsonl, valid.jsonl, report.json)")
-    out.print(f"next: tunesmith train {shlex.quote(str(result.dir))}", markup=False, highlight=False)
+    out.print(f"next: tunesmith train {shlex.quote(str(result.dir))}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -111,9 +111,9 @@ def tokenize(
     out.print(table)
     if len(rows) > 200:
         out.print(f"... {len(rows) - 200} more")
-    from .wording import count
+    from .wording import counted
 
-    out.print(f"[bold]{count(len(rows), 'token')}[/] for {count(len(text), 'character')} "
+    out.print(f"[bold]{counted(len(rows), 'token')}[/] for {counted(len(text), 'character')} "
               f"({len(text) / max(len(rows), 1):.2f} characters per token)")
 
 
@@ -168,7 +168,7 @@ def train(
         err.print("[yellow]training interrupted; the last checkpoint is saved and usable.[/]")
         raise typer.Exit(130)
     out.print(f"\n[bold green]done[/]: {escape(str(run.path))}  (status {run.status})")
-    out.print(f"try: tunesmith generate {shlex.quote(str(run.path))} 'Your prompt'", markup=False, highlight=False)
+    out.print(f"try: tunesmith generate {shlex.quote(str(run.path))} 'Your prompt'", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

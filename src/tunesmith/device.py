@@ -47,10 +47,10 @@ def check_device(device: str) -> str:
             raise TunesmithError(f"cannot use '{device}': {why}", field="device", hint="use --device cpu or auto")
         index = torch.device(device).index
         if index is not None and index >= torch.cuda.device_count():
-            from .wording import count
+            from .wording import counted
 
             raise TunesmithError(
-                f"cannot use '{device}': this machine has {count(torch.cuda.device_count(), 'CUDA GPU')}",
+                f"cannot use '{device}': this machine has {counted(torch.cuda.device_count(), 'CUDA GPU')}",
                 field="device",
             )
     if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):

@@ -61,7 +61,7 @@ def reported(command):
         try:
             return command(*args, **kwargs)
         except TunesmithError as exc:
-            option = None if exc.file else _option_for(exc.field)
+            option = None if exc.file else _option_for(command, exc.field)
             typer.secho(f"error: {exc.render(option)}", err=True, fg="red")
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -75,18 +75,17 @@ def reported(command):
 _OPTION_PARAMS = {"sample_prompts": "prompt", "out": "out_dir"}
 
 
-def _option_for(field: str | None) -> str | None:
-    """The running command's option for a settings field (``block_size`` -> ``--block-size``), if it has one."""
+def _option_for(command, field: str | None) -> str | None:
+    """The command's option for a settings field (``block_size`` -> ``--block-size``), if it has one."""
     if not field:
         return None
-    import click
+    import inspect
 
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
-        return None
+    from typer.models import OptionInfo
+
     wanted = {field, _OPTION_PARAMS.get(field, field)}
-    for param in ctx.command.params:
-        if param.name in wanted and isinstance(param, click.Option):
-            longs = [opt for opt in param.opts if opt.startswith("--")]
-            return (longs or param.opts)[0]
+    for name, param in inspect.signature(command).parameters.items():
+        if name in wanted and isinstance(param.default, OptionInfo):
+            longs = [d for d in param.default.param_decls or () if d.startswith("--")]
+            return longs[0] if longs else "--" + name.replace("_", "-")
     return None

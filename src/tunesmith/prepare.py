@@ -25,7 +25,7 @@ from .atomic import atomic_dir, write_json, write_jsonl
 from .corpus import FIELDS, Corpus, read_records
 from .errors import TunesmithError
 from .models import DEFAULT_BASE
-from .wording import count
+from .wording import counted
 
 MIN_BLOCK_SIZE = 16
 RECOMMENDED_EXAMPLES = 100
@@ -658,24 +658,24 @@ def _checks(
         if total < RECOMMENDED_BOOK_TOKENS:
             checks.append(_check(
                 "size", "warning",
-                f"only {count(total, 'token')}; a style is learned better from at least {RECOMMENDED_BOOK_TOKENS:,} "
+                f"only {counted(total, 'token')}; a style is learned better from at least {RECOMMENDED_BOOK_TOKENS:,} "
                 "(a short story is ~5,000, a novel ~100,000)",
             ))
         else:
-            checks.append(_check("size", "ok", f"{count(n, 'example')}, {count(total, 'token')}"))
+            checks.append(_check("size", "ok", f"{counted(n, 'example')}, {counted(total, 'token')}"))
     elif n < RECOMMENDED_EXAMPLES:
         checks.append(_check(
             "size", "warning",
-            f"only {count(n, 'example')}; at least {RECOMMENDED_EXAMPLES} are recommended, and quality improves "
+            f"only {counted(n, 'example')}; at least {RECOMMENDED_EXAMPLES} are recommended, and quality improves "
             "as the number of examples doubles",
         ))
     else:
-        checks.append(_check("size", "ok", f"{count(n, 'example')}, {count(total, 'token')}"))
+        checks.append(_check("size", "ok", f"{counted(n, 'example')}, {counted(total, 'token')}"))
 
     if fmt != "book":
         required = " and ".join(f"'{f}'" for f in FIELDS[fmt])
         if corpus.extra_fields:
-            extra = ", ".join(f"'{k}' ({count(v, 'record')})" for k, v in sorted(corpus.extra_fields.items()))
+            extra = ", ".join(f"'{k}' ({counted(v, 'record')})" for k, v in sorted(corpus.extra_fields.items()))
             checks.append(_check("columns", "warning", f"ignored extra fields: {extra}; only {required} are used"))
         else:
             checks.append(_check("columns", "ok", f"every record has {required} and nothing else"))
@@ -684,30 +684,30 @@ def _checks(
         what = "texts" if fmt == "text" else "examples with an empty completion"
         if stats["empty"]:
             one = "text" if fmt == "text" else "example with an empty completion"
-            checks.append(_check("empty", "fixed", f"removed {count(stats['empty'], one, what)}"))
+            checks.append(_check("empty", "fixed", f"removed {counted(stats['empty'], one, what)}"))
         else:
             checks.append(_check("empty", "ok", f"no {what}"))
 
     if duplicates and dedupe:
-        checks.append(_check("duplicates", "fixed", f"removed {count(duplicates, 'exact duplicate example')}"))
+        checks.append(_check("duplicates", "fixed", f"removed {counted(duplicates, 'exact duplicate example')}"))
     elif duplicates:
-        checks.append(_check("duplicates", "warning", f"{count(duplicates, 'exact duplicate example')} kept (dedupe is off)"))
+        checks.append(_check("duplicates", "warning", f"{counted(duplicates, 'exact duplicate example')} kept (dedupe is off)"))
     else:
         checks.append(_check("duplicates", "ok", "no duplicate examples"))
 
     budget = block_size - 1
     if fmt in ("book", "text"):
         if stats["split"]:
-            msg = f"split {count(stats['split'], 'paragraph')} longer than {count(budget, 'token')} at sentence ends"
+            msg = f"split {counted(stats['split'], 'paragraph')} longer than {counted(budget, 'token')} at sentence ends"
             if stats["word_split"]:
-                msg += f" ({count(stats['word_split'], 'over-long sentence')} at word breaks)"
+                msg += f" ({counted(stats['word_split'], 'over-long sentence')} at word breaks)"
             checks.append(_check("long examples", "fixed", msg))
         else:
             checks.append(_check("long examples", "ok", f"every paragraph fits in {budget:,} tokens"))
     elif stats["truncated"]:
         checks.append(_check(
             "long examples", "fixed",
-            f"truncated {count(stats['truncated'], 'example')} longer than {count(budget, 'token')} (the prompt's start is cut "
+            f"truncated {counted(stats['truncated'], 'example')} longer than {counted(budget, 'token')} (the prompt's start is cut "
             "first); raise --block-size to keep them whole",
         ))
     else:
@@ -725,13 +725,13 @@ def _checks(
     if settings["fraction"] < 1 or settings["max_tokens"] is not None:
         checks.append(_check(
             "subset", "ok",
-            f"kept the first {n:,} of {count(built, 'example')} ({total:,} of {count(built_tokens, 'token')})",
+            f"kept the first {n:,} of {counted(built, 'example')} ({total:,} of {counted(built_tokens, 'token')})",
         ))
     if n_valid == 0:
         reason = "--valid-fraction is 0" if settings["valid_fraction"] == 0 else "there is only one example"
         checks.append(_check("validation", "warning", f"no validation examples ({reason}); no held-out loss"))
     else:
-        checks.append(_check("validation", "ok", f"{count(n_valid, 'example')} held out at random (seed {settings['seed']})"))
+        checks.append(_check("validation", "ok", f"{counted(n_valid, 'example')} held out at random (seed {settings['seed']})"))
     checks.append(_check("task", "ok", _task(fmt, rows)))
     return checks
 
@@ -751,7 +751,7 @@ def _pair_checks(rows: list[dict]) -> list[dict]:
         inside = sum(separator in p[: -len(separator)] for p in prompts)
         checks.append(_check(
             "separator", "warning",
-            f"every prompt ends with {separator!r}, but {count(inside, 'prompt')} also "
+            f"every prompt ends with {separator!r}, but {counted(inside, 'prompt')} also "
             f"{'contains' if inside == 1 else 'contain'} it earlier; "
             "choose a separator that appears nowhere else",
         ))

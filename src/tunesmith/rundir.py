@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .errors import TunesmithError
-from .wording import count
+from .wording import counted
 
 RUN_FORMAT = 1
 
@@ -73,7 +73,7 @@ def check_out_dir(path: str | Path, overwrite: bool, option: str = "--out") -> N
     if (path / "report.json").is_file() and (path / "train.jsonl").is_file():
         what = "this folder already exists and holds prepared data (from `tunesmith prepare`), not a training run"
     else:
-        held = count(len(entries), "file or folder", "files or folders")
+        held = counted(len(entries), "file or folder", "files or folders")
         what = f"this folder already exists and holds {held} that tunesmith did not make (no run config.json)"
     raise TunesmithError(
         f"{what}; tunesmith never writes into or replaces such a folder"

@@ -392,10 +392,10 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
         total_steps = min(total_steps, cfg.max_steps)
     opt, sched = make_optimizer(model, cfg, total_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    from .wording import count
+    from .wording import counted
 
-    emit({"type": "info", "message": f"{count(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
-          f"{count(total_steps, 'step')}, {trainable:,} trainable parameters"})
+    emit({"type": "info", "message": f"{counted(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
+          f"{counted(total_steps, 'step')}, {trainable:,} trainable parameters"})
     prompts = cfg.sample_prompts or _default_prompts(prepared)
     sample_log: list[dict] = []
 

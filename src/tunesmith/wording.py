@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 
-def count(n: int, noun: str, plural: str | None = None) -> str:
+def counted(n: int, noun: str, plural: str | None = None) -> str:
     """``n`` with thousands separators and ``noun`` (or ``plural``, default noun + "s") as it agrees."""
     return f"{n:,} {noun if n == 1 else (plural or noun + 's')}"
