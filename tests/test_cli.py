@@ -135,6 +135,8 @@ def user_error(result, *needles) -> str:
         (["--device", "tpu"], ["--device", "tpu"]),
         (["--block-size", "0"], ["--block-size: must be at least 1"]),
         (["--epochs", "0"], ["--epochs: must be at least 1"]),
+        (["--save-every", "0"], ["--save-every: must be at least 1"]),
+        (["--seed", "-1"], ["--seed: must be between 0"]),
     ],
 )
 def test_bad_train_options_are_messages_and_write_nothing(option, needles, tmp_path, tiny_model_dir):

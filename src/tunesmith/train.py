@@ -71,6 +71,10 @@ class TrainConfig:
             raise TunesmithError("must be between 0 and 1", field="lr")
         if self.max_steps is not None and self.max_steps < 1:
             raise TunesmithError("must be at least 1", field="max_steps")
+        if self.save_every is not None and self.save_every < 1:
+            raise TunesmithError("must be at least 1", field="save_every")
+        if not 0 <= self.seed < 2**32:
+            raise TunesmithError("must be between 0 and 2**32 - 1", field="seed")
         if not 0 <= self.valid_fraction <= 0.5:
             raise TunesmithError("must be between 0 and 0.5", field="valid_fraction")
         if self.compile not in ("auto", "on", "off"):
