@@ -115,7 +115,8 @@ def test_demo_refuses_a_folder_it_did_not_make(precious, tmp_path):
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_prepare_never_touches_a_folder_it_did_not_make(book, precious, overwrite, tiny_model_dir):
     result = invoke("prepare", book, "--base", "tiny-llama", "--no-estimate", "--out", precious, *overwrite)
-    refused(result, "precious")
+    text = refused(result, "precious", "not a prepared data set")
+    assert "pass --overwrite" not in text
     assert intact(precious) and no_leftovers(precious.parent)
 
 

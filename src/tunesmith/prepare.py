@@ -237,20 +237,21 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
         return
     if not out_dir.is_dir():
         raise TunesmithError("the output path exists and is not a directory", file=out_dir, hint="choose another --out")
+    if any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
+        raise TunesmithError(
+            "this folder already exists and is not a prepared data set; tunesmith never writes into or "
+            "replaces such a folder", file=out_dir, hint="choose another --out",
+        )
     if not overwrite:
         raise TunesmithError(
             "the output directory already exists", file=out_dir, hint="pass --overwrite to replace it"
-        )
-    if any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
-        raise TunesmithError(
-            "refusing to overwrite a directory that is not a prepared data set", file=out_dir,
-            hint="choose another --out",
         )
 
 
 def _write(out_dir: Path, overwrite: bool, train: list[dict], valid: list[dict], report: dict) -> None:
     try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        replace_if = lambda p: (p / "report.json").exists() or not any(p.iterdir())  # noqa: E731
+        with atomic_dir(out_dir, overwrite=overwrite, replace_if=replace_if) as tmp:
             write_jsonl(tmp / "train.jsonl", train)
             write_jsonl(tmp / "valid.jsonl", valid)
             write_json(tmp / "report.json", report)
