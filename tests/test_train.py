@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,8 +110,14 @@ def test_should_stop_cancels_cleanly_with_usable_weights(book, tmp_path, tiny_mo
     assert run.status == "cancelled"
     assert max(r["step"] for r in run.metrics()) == 3
     assert run.has_weights()
-    text = load(run.path).generate("The lamp", max_tokens=5, seed=0)[0].text
-    assert isinstance(text, str)
+    # The run's weights are those of its last step, and they write text.
+    last = run.checkpoints()[-1]
+    assert last["step"] == 3
+    published = run.path / "adapter" / "adapter_model.safetensors"
+    assert published.read_bytes() == (Path(last["path"]) / "adapter" / "adapter_model.safetensors").read_bytes()
+    completion = load(run.path).generate("The lamp", max_tokens=5, seed=0)[0]
+    assert completion.completion_tokens == 5 or completion.finish_reason == "stop"
+    assert completion.text.strip() or completion.finish_reason == "stop"
 
 
 def test_keyboard_interrupt_keeps_last_checkpoint(book, tmp_path, tiny_model_dir):
@@ -181,10 +187,32 @@ def test_bad_options_write_nothing(book, tmp_path, tiny_model_dir, options, fiel
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
 
 
+def _weights(directory) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
 def test_full_fine_tune_writes_full_weights(book, tmp_path, tiny_model_dir):
     run = finetune(book, out=tmp_path / "run", progress=False, samples=False, method="full", **{**TINY, "epochs": 1})
     assert (run.path / "model" / "config.json").exists()
+    base, tuned = _weights(tiny_model_dir), _weights(run.path / "model")
+    assert set(tuned) == set(base)
+    for name, weight in base.items():  # every tensor is trained, in fp32 master weights
+        assert tuned[name].dtype == torch.float32 and tuned[name].shape == weight.shape
+        assert not torch.equal(tuned[name], weight.float()), name
     assert load(run.path).generate("The", max_tokens=3, seed=0)
+
+
+def test_lora_changes_only_the_adapted_layers(book, tmp_path, tiny_model_dir):
+    run = finetune(book, out=tmp_path / "run", progress=False, samples=False, **{**TINY, "epochs": 1, "dtype": "fp32"})
+    base = _weights(tiny_model_dir)
+    merged = {k: v for k, v in load(run.path, dtype="fp32").model.state_dict().items() if k in base}
+    assert set(merged) == set(base)
+    adapted = {k for k in base if k.endswith("_proj.weight")}  # "all-linear": attention and MLP projections
+    assert adapted and all(not torch.equal(merged[k], base[k]) for k in adapted)
+    frozen = set(base) - adapted  # embeddings (tied to the output layer) and norms
+    assert frozen and all(torch.equal(merged[k], base[k]) for k in frozen)
 
 
 def test_compiled_layers_train_like_eager_ones(book, tmp_path, tiny_model_dir):

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 def _umask() -> int:
@@ -64,22 +64,29 @@ def append_jsonl(path: str | Path, row: dict) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name, then move it to ``path`` in one rename."""
+def atomic_dir(
+    path: str | Path, overwrite: bool = False, replace_if: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """Build a directory under a temporary name, then move it to ``path`` in one rename.
+
+    An existing ``path`` is replaced only with ``overwrite``, and then only a directory for which
+    ``replace_if(path)`` holds (when given), checked just before the rename; else FileExistsError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should be an ordinary directory
     try:
         yield tmp
-        if path.exists():
-            if not overwrite:
+        if path.exists() or path.is_symlink():
+            if not overwrite or (replace_if is not None and not replace_if(path)):
                 raise FileExistsError(path)
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")  # unique, like tmp
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, path)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import TunesmithError
 from .errors import reported as user_errors
@@ -68,8 +70,8 @@ def prepare(
         valid_fraction=valid_fraction, dedupe=dedupe, seed=seed, overwrite=overwrite, estimate=estimate,
     )
     out.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
-    out.print(f"\nwrote [bold]{result.dir}[/]  (train.jsonl, valid.jsonl, report.json)")
-    out.print(f"next: tunesmith train {result.dir}")
+    out.print(f"\nwrote [bold]{escape(str(result.dir))}[/]  (train.jsonl, valid.jsonl, report.json)")
+    out.print(f"next: tunesmith train {shlex.quote(str(result.dir))}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -109,7 +111,10 @@ def tokenize(
     out.print(table)
     if len(rows) > 200:
         out.print(f"... {len(rows) - 200} more")
-    out.print(f"[bold]{len(rows)} tokens[/] for {len(text)} characters ({len(text) / max(len(rows), 1):.2f} characters per token)")
+    from .wording import counted
+
+    out.print(f"[bold]{counted(len(rows), 'token')}[/] for {counted(len(text), 'character')} "
+              f"({len(text) / max(len(rows), 1):.2f} characters per token)")
 
 
 @app.command()
@@ -136,7 +141,7 @@ def train(
     compile: str = typer.Option("auto", help="torch.compile the layers: auto (long CPU runs), on, off"),
     prompt: List[str] = typer.Option([], "--prompt", help="fixed prompt for samples.md (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the plan and estimated time, train nothing"),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    overwrite: bool = typer.Option(False, help="replace an earlier tunesmith run at --out (never any other folder)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this interrupted run from its last checkpoint"),
 ) -> None:
     """Fine-tune a base model on your text. Ctrl-C stops cleanly and keeps the last checkpoint."""
@@ -172,8 +177,7 @@ def train(
                        on_event=_train_events(on_event, seen), **options)
     except KeyboardInterrupt:
         _interrupted(seen.get("path"))
-    out.print(f"\n[bold green]done[/]: {run.path}  (status {run.status})")
-    out.print(f'try: tunesmith generate {run.path} "Your prompt"')
+    _done(run)
 
 
 def _train_events(on_event, seen: dict):
@@ -186,8 +190,6 @@ def _train_events(on_event, seen: dict):
 
 
 def _interrupted(path: str | None) -> None:
-    import shlex
-
     err.print("[yellow]training interrupted; the last checkpoint is saved and usable.[/]")
     err.print(f"resume with: tunesmith train --resume {shlex.quote(path) if path else 'RUN'}", highlight=False, markup=False,
               soft_wrap=True)
@@ -223,8 +225,12 @@ def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool
         result = resume_api(run, on_event=on_event, **given)
     except KeyboardInterrupt:
         _interrupted(str(run))
-    out.print(f"\n[bold green]done[/]: {result.path}  (status {result.status})")
-    out.print(f'try: tunesmith generate {result.path} "Your prompt"')
+    _done(result)
+
+
+def _done(run) -> None:
+    out.print(f"\n[bold green]done[/]: {escape(str(run.path))}  (status {run.status})")
+    out.print(f"try: tunesmith generate {shlex.quote(str(run.path))} 'Your prompt'", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -248,13 +254,16 @@ def generate(
     ),
 ) -> None:
     """Write a continuation of PROMPT, streamed as it is written."""
-    from .generate import load
+    from .generate import SamplingParams, load
 
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    if n < 1:
+        raise TunesmithError("must be at least 1", field="n")
+    SamplingParams(**sampling).check()  # bad settings fail before the model loads
     copy_index = _copy_index(model) if check_copying else None
     loaded = load(model)
     text = loaded.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
-    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    repetition_penalty=repetition_penalty, stop=stop, seed=seed)
     for i in range(n):
         if n > 1:
             out.print(f"\n[bold]--- {i + 1} ---[/]")
@@ -346,7 +355,7 @@ def copies(
 def demo(
     text: Optional[Path] = typer.Option(None, "--text", help="use your own book instead of the default"),
     full: bool = typer.Option(False, "--full", help="train on the whole text (slow)"),
-    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (replaced)"),
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (an earlier tunesmith run there is replaced, nothing else)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Prepare a public-domain book, fine-tune the bundled model on it, compare before and after."""

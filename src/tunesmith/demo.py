@@ -79,8 +79,13 @@ def run_demo(
 ) -> DemoResult:
     from .generate import load
     from .prepare import format_report, prepare
+    from .rundir import check_out_dir, is_run_dir
     from .train import finetune
 
+    # An earlier run there (the last demo's) is replaced; any other folder or file is refused.
+    check_out_dir(out, overwrite=True)
+    if is_run_dir(out):
+        say(f"Replacing the earlier run in {out}")
     with tempfile.TemporaryDirectory(prefix="tunesmith-demo-") as scratch:
         if text is None:
             source = Path(scratch) / "kjv.txt"

@@ -30,7 +30,8 @@ class TunesmithError(Exception):
         self.hint = hint
         super().__init__(self.render())
 
-    def render(self) -> str:
+    def render(self, option: str | None = None) -> str:
+        """The message; ``option`` (such as ``--block-size``) names the field as the user typed it."""
         where = ""
         if self.file:
             where = self.file
@@ -39,6 +40,8 @@ class TunesmithError(Exception):
             if self.field:
                 where += f", field '{self.field}'"
             where += ": "
+        elif option:
+            where = f"{option}: "
         elif self.field:
             where = f"field '{self.field}': "
         text = where + self.message
@@ -58,10 +61,31 @@ def reported(command):
         try:
             return command(*args, **kwargs)
         except TunesmithError as exc:
-            typer.secho(f"error: {exc}", err=True, fg="red")
+            option = None if exc.file else _option_for(command, exc.field)
+            typer.secho(f"error: {exc.render(option)}", err=True, fg="red")
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             typer.secho("stopped.", err=True, fg="yellow")
             raise typer.Exit(130)
 
     return wrapper
+
+
+# Settings whose command-line option is not simply the field's name.
+_OPTION_PARAMS = {"sample_prompts": "prompt", "out": "out_dir"}
+
+
+def _option_for(command, field: str | None) -> str | None:
+    """The command's option for a settings field (``block_size`` -> ``--block-size``), if it has one."""
+    if not field:
+        return None
+    import inspect
+
+    from typer.models import OptionInfo
+
+    wanted = {field, _OPTION_PARAMS.get(field, field)}
+    for name, param in inspect.signature(command).parameters.items():
+        if name in wanted and isinstance(param.default, OptionInfo):
+            longs = [d for d in param.default.param_decls or () if d.startswith("--")]
+            return longs[0] if longs else "--" + name.replace("_", "-")
+    return None

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_BASE = "smollm2-135m"
 CACHE_MARKER = "tunesmith-source.json"
+# Bump when the conversion below changes what it writes; older cached copies are then redone.
+CONVERTER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ def list_models() -> list[dict]:
     rows = []
     for spec in BUNDLED.values():
         gguf = bundled_gguf_path(spec)
-        cached = (models_dir() / spec.name / CACHE_MARKER).exists()
+        target = models_dir() / spec.name
+        cached = cache_is_current(target, gguf) if gguf else (target / CACHE_MARKER).exists()
         rows.append(
             {
                 "name": spec.name,
@@ -99,15 +103,53 @@ def list_models() -> list[dict]:
     return rows
 
 
+def _source_stamp(gguf: Path) -> dict:
+    """What the cached copy of ``gguf`` must match to be reused: the file, its size and mtime,
+    and the converter (ours and the transformers that dequantizes)."""
+    import transformers
+
+    stat = gguf.stat()
+    return {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "converter": CONVERTER_VERSION, "transformers": transformers.__version__}
+
+
+def cache_is_current(target: Path, gguf: Path) -> bool:
+    """True when ``target`` holds a finished conversion of ``gguf`` as it is now."""
+    try:
+        marker = json.loads((target / CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and all(marker.get(k) == v for k, v in _source_stamp(gguf).items())
+
+
 def _convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantize a GGUF file into a plain safetensors checkpoint at ``target`` (atomically)."""
+    """Dequantize a GGUF file into a plain safetensors checkpoint at ``target``, once.
+
+    The copy is reused only while ``gguf`` is unchanged (size, mtime) and the converter is the
+    same. A lock file makes concurrent processes convert one at a time: the second finds the
+    first one's result. The result is built under a temporary name and renamed into place."""
+    from filelock import FileLock
+
+    if cache_is_current(target, gguf):
+        return target
+    with FileLock(str(target.with_name(f".{target.name}.lock"))):
+        if cache_is_current(target, gguf):  # another process converted it while we waited
+            return target
+        plain, tok = _dequantize(gguf)
+        with atomic_dir(target, overwrite=True) as tmp:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / CACHE_MARKER).write_text(json.dumps(_source_stamp(gguf), indent=2))
+    return target
+
+
+def _dequantize(gguf: Path):
+    """Read ``gguf`` into ``(plain model, tokenizer)``: every tensor present, nothing quantized."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if (target / CACHE_MARKER).exists():
-        return target
     quiet_transformers()
-    print(f"converting {gguf.name} to safetensors in {target.parent} (once, ~20 s)", file=sys.stderr, flush=True)
+    print(f"converting {gguf.name} to safetensors in {models_dir()} (once, ~20 s)", file=sys.stderr, flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -120,19 +162,23 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.state_dict(), assign=True, strict=False)
+    result = plain.load_state_dict(loaded.state_dict(), assign=True, strict=False)
     plain.tie_weights()
+    # Tied weights (lm_head = embeddings) are legitimately absent from the file; anything else
+    # still on the meta device has no tensor in the file.
+    missing = sorted(name for name, tensor in plain.state_dict().items() if tensor.is_meta)
+    if missing or result.unexpected_keys:
+        problem = []
+        if missing:
+            problem.append(f"no tensor for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if result.unexpected_keys:
+            problem.append(f"tensors the model does not have: {', '.join(sorted(result.unexpected_keys)[:5])}")
+        raise TunesmithError(
+            "this GGUF model is incomplete: " + "; ".join(problem), file=gguf,
+            hint="is it a complete llama-family .gguf file?",
+        )
     plain.generation_config = loaded.generation_config
-    try:
-        with atomic_dir(target) as tmp:
-            plain.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / CACHE_MARKER).write_text(
-                json.dumps({"source": str(gguf), "size": gguf.stat().st_size}, indent=2)
-            )
-    except FileExistsError:
-        pass  # another process finished the same conversion first
-    return target
+    return plain, tok
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -141,9 +187,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if name in BUNDLED:
         spec = BUNDLED[name]
         target = models_dir() / spec.name
-        if (target / CACHE_MARKER).exists():
-            return target
         gguf = bundled_gguf_path(spec)
+        if gguf is None and (target / CACHE_MARKER).exists():
+            return target  # the package was removed after the conversion: the copy is all there is
         if gguf is None:
             raise TunesmithError(
                 f"base model '{name}' is not installed",
@@ -167,7 +213,12 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             hint="pass a model directory, a .gguf file, a run directory or one of: " + ", ".join(BUNDLED),
         )
     if "/" in name and not path.exists():
-        return _from_hf_cache(name)
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):  # could be a hub id as well as a path
+            return _from_hf_cache(name)
+        raise TunesmithError(
+            "no such file or directory", file=path,
+            hint="pass a run directory, a model directory, a .gguf file or a bundled name (tunesmith models list)",
+        )
     raise TunesmithError(
         f"unknown base model '{name}'",
         hint="run `tunesmith models list`; a base is a bundled name, a model directory, a .gguf file, "
@@ -188,8 +239,10 @@ def _from_hf_cache(repo_id: str) -> Path:
         if (snapshot / "config.json").exists():
             return snapshot
     raise TunesmithError(
-        f"'{repo_id}' is not in the local Hugging Face cache, and tunesmith does not download models",
-        hint="copy the model directory to this machine and pass its path, or use a bundled base",
+        f"no such file or directory, and '{repo_id}' is not in the local Hugging Face cache either "
+        "(tunesmith does not download models)",
+        file=repo_id,
+        hint="check the path; for a hub model, copy its directory to this machine and pass its path",
     )
 
 

@@ -25,6 +25,7 @@ from .atomic import atomic_dir, write_json, write_jsonl
 from .corpus import FIELDS, Corpus, read_records
 from .errors import TunesmithError
 from .models import DEFAULT_BASE
+from .wording import counted
 
 MIN_BLOCK_SIZE = 16
 RECOMMENDED_EXAMPLES = 100
@@ -236,20 +237,21 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
         return
     if not out_dir.is_dir():
         raise TunesmithError("the output path exists and is not a directory", file=out_dir, hint="choose another --out")
+    if any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
+        raise TunesmithError(
+            "this folder already exists and is not a prepared data set; tunesmith never writes into or "
+            "replaces such a folder", file=out_dir, hint="choose another --out",
+        )
     if not overwrite:
         raise TunesmithError(
             "the output directory already exists", file=out_dir, hint="pass --overwrite to replace it"
-        )
-    if any(out_dir.iterdir()) and not (out_dir / "report.json").exists():
-        raise TunesmithError(
-            "refusing to overwrite a directory that is not a prepared data set", file=out_dir,
-            hint="choose another --out",
         )
 
 
 def _write(out_dir: Path, overwrite: bool, train: list[dict], valid: list[dict], report: dict) -> None:
     try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        replace_if = lambda p: (p / "report.json").exists() or not any(p.iterdir())  # noqa: E731
+        with atomic_dir(out_dir, overwrite=overwrite, replace_if=replace_if) as tmp:
             write_jsonl(tmp / "train.jsonl", train)
             write_jsonl(tmp / "valid.jsonl", valid)
             write_json(tmp / "report.json", report)
@@ -657,24 +659,24 @@ def _checks(
         if total < RECOMMENDED_BOOK_TOKENS:
             checks.append(_check(
                 "size", "warning",
-                f"only {total:,} tokens; a style is learned better from at least {RECOMMENDED_BOOK_TOKENS:,} "
+                f"only {counted(total, 'token')}; a style is learned better from at least {RECOMMENDED_BOOK_TOKENS:,} "
                 "(a short story is ~5,000, a novel ~100,000)",
             ))
         else:
-            checks.append(_check("size", "ok", f"{n:,} examples, {total:,} tokens"))
+            checks.append(_check("size", "ok", f"{counted(n, 'example')}, {counted(total, 'token')}"))
     elif n < RECOMMENDED_EXAMPLES:
         checks.append(_check(
             "size", "warning",
-            f"only {n:,} examples; at least {RECOMMENDED_EXAMPLES} are recommended, and quality improves "
+            f"only {counted(n, 'example')}; at least {RECOMMENDED_EXAMPLES} are recommended, and quality improves "
             "as the number of examples doubles",
         ))
     else:
-        checks.append(_check("size", "ok", f"{n:,} examples, {total:,} tokens"))
+        checks.append(_check("size", "ok", f"{counted(n, 'example')}, {counted(total, 'token')}"))
 
     if fmt != "book":
         required = " and ".join(f"'{f}'" for f in FIELDS[fmt])
         if corpus.extra_fields:
-            extra = ", ".join(f"'{k}' ({v:,} records)" for k, v in sorted(corpus.extra_fields.items()))
+            extra = ", ".join(f"'{k}' ({counted(v, 'record')})" for k, v in sorted(corpus.extra_fields.items()))
             checks.append(_check("columns", "warning", f"ignored extra fields: {extra}; only {required} are used"))
         else:
             checks.append(_check("columns", "ok", f"every record has {required} and nothing else"))
@@ -682,30 +684,31 @@ def _checks(
     if fmt != "book":
         what = "texts" if fmt == "text" else "examples with an empty completion"
         if stats["empty"]:
-            checks.append(_check("empty", "fixed", f"removed {stats['empty']:,} {what}"))
+            one = "text" if fmt == "text" else "example with an empty completion"
+            checks.append(_check("empty", "fixed", f"removed {counted(stats['empty'], one, what)}"))
         else:
             checks.append(_check("empty", "ok", f"no {what}"))
 
     if duplicates and dedupe:
-        checks.append(_check("duplicates", "fixed", f"removed {duplicates:,} exact duplicate examples"))
+        checks.append(_check("duplicates", "fixed", f"removed {counted(duplicates, 'exact duplicate example')}"))
     elif duplicates:
-        checks.append(_check("duplicates", "warning", f"{duplicates:,} exact duplicate examples kept (dedupe is off)"))
+        checks.append(_check("duplicates", "warning", f"{counted(duplicates, 'exact duplicate example')} kept (dedupe is off)"))
     else:
         checks.append(_check("duplicates", "ok", "no duplicate examples"))
 
     budget = block_size - 1
     if fmt in ("book", "text"):
         if stats["split"]:
-            msg = f"split {stats['split']:,} paragraphs longer than {budget:,} tokens at sentence ends"
+            msg = f"split {counted(stats['split'], 'paragraph')} longer than {counted(budget, 'token')} at sentence ends"
             if stats["word_split"]:
-                msg += f" ({stats['word_split']:,} over-long sentences at word breaks)"
+                msg += f" ({counted(stats['word_split'], 'over-long sentence')} at word breaks)"
             checks.append(_check("long examples", "fixed", msg))
         else:
             checks.append(_check("long examples", "ok", f"every paragraph fits in {budget:,} tokens"))
     elif stats["truncated"]:
         checks.append(_check(
             "long examples", "fixed",
-            f"truncated {stats['truncated']:,} examples longer than {budget:,} tokens (the prompt's start is cut "
+            f"truncated {counted(stats['truncated'], 'example')} longer than {counted(budget, 'token')} (the prompt's start is cut "
             "first); raise --block-size to keep them whole",
         ))
     else:
@@ -723,13 +726,13 @@ def _checks(
     if settings["fraction"] < 1 or settings["max_tokens"] is not None:
         checks.append(_check(
             "subset", "ok",
-            f"kept the first {n:,} of {built:,} examples ({total:,} of {built_tokens:,} tokens)",
+            f"kept the first {n:,} of {counted(built, 'example')} ({total:,} of {counted(built_tokens, 'token')})",
         ))
     if n_valid == 0:
         reason = "--valid-fraction is 0" if settings["valid_fraction"] == 0 else "there is only one example"
         checks.append(_check("validation", "warning", f"no validation examples ({reason}); no held-out loss"))
     else:
-        checks.append(_check("validation", "ok", f"{n_valid:,} examples held out at random (seed {settings['seed']})"))
+        checks.append(_check("validation", "ok", f"{counted(n_valid, 'example')} held out at random (seed {settings['seed']})"))
     checks.append(_check("task", "ok", _task(fmt, rows)))
     return checks
 
@@ -749,7 +752,8 @@ def _pair_checks(rows: list[dict]) -> list[dict]:
         inside = sum(separator in p[: -len(separator)] for p in prompts)
         checks.append(_check(
             "separator", "warning",
-            f"every prompt ends with {separator!r}, but {inside:,} prompts also contain it earlier; "
+            f"every prompt ends with {separator!r}, but {counted(inside, 'prompt')} also "
+            f"{'contains' if inside == 1 else 'contain'} it earlier; "
             "choose a separator that appears nowhere else",
         ))
     else:

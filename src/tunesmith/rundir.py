@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .errors import TunesmithError
+from .wording import counted
 
 RUN_FORMAT = 1
 
@@ -38,6 +39,51 @@ def is_run_dir(path: str | Path) -> bool:
         return "tunesmith_run" in json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def check_out_dir(path: str | Path, overwrite: bool, option: str = "--out") -> None:
+    """Refuse to write a run to ``path`` unless it is new, an empty folder, or (with ``overwrite``)
+    an earlier tunesmith run. The message says what is there instead."""
+    path = Path(path)
+    if path.is_symlink():
+        raise TunesmithError(
+            f"this is a symbolic link (to {path.readlink()}); tunesmith writes a run only into a new or empty "
+            "folder, or replaces a run it made", file=path, hint=f"choose another {option}",
+        )
+    if not path.exists():
+        above = next((p for p in path.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise TunesmithError(
+                f"{above} is a file, so no folder can be made inside it", file=path, hint=f"choose another {option}"
+            )
+        return
+    if not path.is_dir():
+        what = "a file" if path.is_file() else "something that is not a folder"
+        raise TunesmithError(
+            f"{what} is already there; a run is written into a new or empty folder",
+            file=path, hint=f"choose another {option}",
+        )
+    entries = list(path.iterdir())
+    if not entries:
+        return
+    if is_run_dir(path):
+        if overwrite:
+            return
+        status = Run(path).status
+        raise TunesmithError(
+            f"a tunesmith run already exists here (status: {status})", file=path,
+            hint=f"choose another {option}, or pass --overwrite to replace that run",
+        )
+    if (path / "report.json").is_file() and (path / "train.jsonl").is_file():
+        what = "this folder already exists and holds prepared data (from `tunesmith prepare`), not a training run"
+    else:
+        held = counted(len(entries), "file or folder", "files or folders")
+        what = f"this folder already exists and holds {held} that tunesmith did not make (no run config.json)"
+    raise TunesmithError(
+        f"{what}; tunesmith never writes into or replaces such a folder"
+        + (", even with --overwrite" if overwrite else ""),
+        file=path, hint=f"choose a new or empty folder for {option}",
+    )
 
 
 class Run:
@@ -121,6 +167,25 @@ class Run:
     def has_weights(self) -> bool:
         return (self.weights_dir / "adapter_config.json").exists() or (self.weights_dir / "config.json").exists()
 
+    def _no_weights_error(self) -> TunesmithError:
+        """Say what the run has instead of its current weights, and how to use a checkpoint."""
+        import shlex
+
+        name = self.weights_dir.name
+        saved = [c for c in self.checkpoints() if (Path(c["path"]) / name).is_dir()]
+        if not saved:
+            when = "it is still training, or" if self.status == "running" else "it"
+            when += " stopped before its first checkpoint"
+            return TunesmithError(f"this run has no weights yet ({when}; no {name}/ and no checkpoints)", file=self.path)
+        steps = ", ".join(str(c["step"]) for c in saved)
+        latest = Path(saved[-1]["path"]) / name
+        return TunesmithError(
+            f"this run has no {name}/ (its current weights), but its checkpoints hold weights from "
+            f"{'step' if len(saved) == 1 else 'steps'} {steps}",
+            file=self.path,
+            hint=f"to use the latest: cp -r {shlex.quote(str(latest))} {shlex.quote(str(self.weights_dir))}",
+        )
+
     def load_model(self, dtype=None, merge: bool = True):
         """Return ``(model, tokenizer)``: base + adapter merged (or the full weights), ready to use."""
         import torch
@@ -129,9 +194,7 @@ class Run:
         from .models import load_base
 
         if not self.has_weights():
-            raise TunesmithError(
-                "this run has no weights yet (it stopped before its first checkpoint)", file=self.path
-            )
+            raise self._no_weights_error()
         dtype = dtype or torch.float32
         tok = AutoTokenizer.from_pretrained(str(self.path / "tokenizer"))
         if tok.pad_token is None:

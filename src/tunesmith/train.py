@@ -75,6 +75,10 @@ class TrainConfig:
             raise TunesmithError("must be between 0 and 1", field="lr")
         if self.max_steps is not None and self.max_steps < 1:
             raise TunesmithError("must be at least 1", field="max_steps")
+        if self.save_every is not None and self.save_every < 1:
+            raise TunesmithError("must be at least 1", field="save_every")
+        if not 0 <= self.seed < 2**32:
+            raise TunesmithError("must be between 0 and 2**32 - 1", field="seed")
         if not 0 <= self.valid_fraction <= 0.5:
             raise TunesmithError("must be between 0 and 0.5", field="valid_fraction")
         if self.compile not in ("auto", "on", "off"):
@@ -329,12 +333,13 @@ def finetune(
         raise TunesmithError(f"unknown option(s): {', '.join(sorted(unknown))}")
     cfg = TrainConfig(**options)
     cfg.check()
+    from .device import pick_device, pick_dtype
+    from .rundir import check_out_dir
+
+    pick_dtype(pick_device(cfg.device), cfg.dtype)  # an unusable device or dtype fails before anything is written
     emit = on_event or (lambda event: None)
     out = Path(out) if out else default_out(data)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise TunesmithError("run directory already exists", file=out, hint="choose another --out, or pass --overwrite")
-        shutil.rmtree(out)
+    check_out_dir(out, overwrite)  # replaces only an earlier run (or an empty folder), never anything else
     if not Path(data).exists():
         raise TunesmithError("no such file or directory", file=data)
     from .models import resolve
@@ -346,7 +351,7 @@ def finetune(
     from .models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.base)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, replace_if=lambda p: check_out_dir(p, overwrite) is None) as tmp:
         prepared = load_data(data, cfg, tokenizer, tmp / "data", validation)
         tokenizer.save_pretrained(tmp / "tokenizer")
         config = {
@@ -508,7 +513,10 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
         total_steps = min(total_steps, cfg.max_steps)
     opt, sched = make_optimizer(model, cfg, total_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    emit({"type": "info", "message": f"{len(train_blocks)} blocks of {cfg.block_size} tokens, {total_steps} steps, {trainable:,} trainable parameters"})
+    from .wording import counted
+
+    emit({"type": "info", "message": f"{counted(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
+          f"{counted(total_steps, 'step')}, {trainable:,} trainable parameters"})
     prompts = cfg.sample_prompts or _default_prompts(prepared)
 
     # A resume restores everything the loop below depends on, and drops the metric rows
@@ -868,6 +876,8 @@ def _finish(run: Run, cfg: TrainConfig, before: dict, after: dict | None, second
 
 
 def _run_readme(run: Run, cfg: TrainConfig, summary: dict) -> str:
+    import shlex
+
     before, after = summary.get("validation_before"), summary.get("validation_after")
     lines = [
         f"# Run {run.name}",
@@ -885,7 +895,7 @@ def _run_readme(run: Run, cfg: TrainConfig, summary: dict) -> str:
         "Write with it:",
         "",
         "```",
-        f'tunesmith generate {run.path} "Once upon a time"',
+        f'tunesmith generate {shlex.quote(str(run.path))} "Once upon a time"',
         "```",
         "",
         "Files: `config.json` (reproduces the run), `metrics.jsonl`, `loss.png`, `samples.md`, "
