@@ -169,7 +169,7 @@ def test_long_book_paragraph_and_sentence(tokenizer, tmp_path: Path) -> None:
     words = [w for r in rows for w in r.split() if w.startswith("word")]
     assert words == [f"word{i}" for i in range(199)] + ["word199."]  # nothing lost when cut at word breaks
     assert rows[-1].endswith("The end.")
-    assert "1 over-long sentences" in checks(prepared)["long examples"]["message"]
+    assert "(1 over-long sentence at word breaks)" in checks(prepared)["long examples"]["message"]
 
 
 def test_split_sentences_keeps_abbreviations_and_whitespace() -> None:
@@ -225,8 +225,8 @@ def test_text_rows_round_trip_and_long_ones_split(tokenizer, tmp_path: Path) -> 
     assert len(out) > 3 and all(count(tokenizer, t) <= 127 for t in out)
     assert " ".join(" ".join(out[1:]).split()) == " ".join(long_text.split())
     found = checks(prepared)
-    assert found["duplicates"]["message"] == "removed 1 exact duplicate examples"
-    assert found["empty"]["message"] == "removed 1 texts"
+    assert found["duplicates"]["message"] == "removed 1 duplicate example (same text up to whitespace)"
+    assert found["empty"]["message"] == "removed 1 empty text"
     assert found["validation"]["status"] == "warning"
 
 
@@ -270,8 +270,8 @@ def test_prompt_completion_checks_recommend(tokenizer, tmp_path: Path) -> None:
     assert found["separator"]["status"] == "warning" and "###" in found["separator"]["message"]
     assert found["stop sequence"]["status"] == "warning"
     assert found["leading space"]["status"] == "warning" and found["leading space"]["message"].startswith("40 of 41")
-    assert found["empty"]["message"] == "removed 1 examples with an empty completion"
-    assert found["duplicates"]["message"] == "removed 1 exact duplicate examples"
+    assert found["empty"]["message"] == "removed 1 example with an empty completion"
+    assert found["duplicates"]["message"] == "removed 1 duplicate example (same text up to whitespace)"
     assert found["long examples"]["status"] == "fixed" and "truncated 1 " in found["long examples"]["message"]
     assert prepared.report["task"] == "classification"
     long_row = next(r for r in prepared.train + prepared.valid if r["completion"] == " ok")
