@@ -17,6 +17,7 @@ table records from ``.csv``/``.tsv`` with a header row.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import re
@@ -64,23 +65,7 @@ def read_records(path: str | Path, known_word: Callable[[str], bool] | None = No
     suffix = path.suffix.lower()
     if not path.exists():
         if path.is_symlink():
-            try:
-                path.resolve(strict=True)
-            except RuntimeError:
-                raise TunesmithError(
-                    "this is a symbolic link that leads back to itself (a symlink loop)", file=path,
-                    hint="point the link at a real file, or pass the file itself",
-                ) from None
-            except OSError as exc:
-                if "loop" in str(exc).lower() or getattr(exc, "errno", None) == 40:
-                    raise TunesmithError(
-                        "this is a symbolic link that leads back to itself (a symlink loop)", file=path,
-                        hint="point the link at a real file, or pass the file itself",
-                    ) from None
-            raise TunesmithError(
-                f"this is a symbolic link to '{os.readlink(path)}', which does not exist", file=path,
-                hint="point the link at a real file, or pass the file itself",
-            )
+            _raise_broken_link(path)
         raise TunesmithError("no such file", file=path, hint="check the path; it is relative to the current directory")
     if path.is_dir():
         raise TunesmithError("this is a directory, not a file", file=path, hint=f"pass one file ({SUPPORTED})")
@@ -111,6 +96,27 @@ def read_records(path: str | Path, known_word: Callable[[str], bool] | None = No
     if not corpus.records:
         raise TunesmithError("the file has no records", file=path, hint="it needs at least one example")
     return corpus
+
+
+def _raise_broken_link(path: Path) -> None:
+    """A symbolic link that leads nowhere: say whether it loops or names a missing file."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python before 3.13 reports a loop this way
+        looped = True
+    except OSError as exc:
+        looped = exc.errno == errno.ELOOP
+    else:
+        looped = False
+    if looped:
+        raise TunesmithError(
+            "this is a symbolic link that leads back to itself (a symlink loop)", file=path,
+            hint="point the link at a real file, or pass the file itself",
+        )
+    raise TunesmithError(
+        f"this is a symbolic link to '{os.readlink(path)}', which does not exist", file=path,
+        hint="point the link at a real file, or pass the file itself",
+    )
 
 
 def validate_file(path: str | Path) -> Corpus:
@@ -334,12 +340,15 @@ def _join_hyphenated(head: str, tail: str, vocabulary: Counter, known_word: Call
     form that ``known_word`` knows is joined; two halves that the book uses as words on their
     own ("pack-saddle") make a compound; anything else is a split word ("defi-ciency").
     """
-    joined, compound = vocabulary[head + tail], vocabulary[f"{head}-{tail}"]
+    def seen(word: str) -> int:  # a plural counts for its word: "test-tubes" shows "test-tube"
+        return vocabulary[word] + vocabulary[word + "s"]
+
+    joined, compound = seen(head + tail), seen(f"{head}-{tail}")
     if joined or compound:
         return joined >= compound
     if known_word is not None and known_word(head + tail):
         return True
-    return not (vocabulary[head] and vocabulary[tail])
+    return not (seen(head) and seen(tail))
 
 
 def _vocabulary(blocks: list[list[tuple[int, str]]]) -> Counter:
