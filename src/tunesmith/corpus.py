@@ -63,12 +63,7 @@ def read_records(path: str | Path, known_word: Callable[[str], bool] | None = No
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if not path.exists():
-        if path.is_symlink():
-            _raise_broken_link(path)
-        raise TunesmithError("no such file", file=path, hint="check the path; it is relative to the current directory")
-    if path.is_dir():
-        raise TunesmithError("this is a directory, not a file", file=path, hint=f"pass one file ({SUPPORTED})")
+    require_file(path)
     if suffix not in BOOK_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES:
         raise TunesmithError(
             f"unsupported file type '{suffix or '(none)'}'",
@@ -96,6 +91,16 @@ def read_records(path: str | Path, known_word: Callable[[str], bool] | None = No
     if not corpus.records:
         raise TunesmithError("the file has no records", file=path, hint="it needs at least one example")
     return corpus
+
+
+def require_file(path: Path) -> None:
+    """Raise a ``TunesmithError`` unless ``path`` is an existing file; a broken link says why."""
+    if not path.exists():
+        if path.is_symlink():
+            _raise_broken_link(path)
+        raise TunesmithError("no such file", file=path, hint="check the path; it is relative to the current directory")
+    if path.is_dir():
+        raise TunesmithError("this is a directory, not a file", file=path, hint=f"pass one file ({SUPPORTED})")
 
 
 def _raise_broken_link(path: Path) -> None:

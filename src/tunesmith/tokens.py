@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .corpus import decode_text, require_file
 from .errors import TunesmithError
 
 
@@ -164,14 +165,11 @@ def tokenize_text(text: str, tokenizer) -> list[dict]:
 
 
 def read_text_file(path: str | Path) -> str:
+    """A text file's contents: UTF-8 or UTF-16 with a byte-order mark (see corpus.decode_text)."""
     path = Path(path)
-    if not path.is_file():
-        raise TunesmithError("no such file", file=path)
-    data = path.read_bytes()
-    if b"\x00" in data[:8192]:
-        raise TunesmithError("this looks like a binary file, not text", file=path)
+    require_file(path)
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise TunesmithError(f"not valid UTF-8 (byte {exc.start})", file=path, line=line, hint="save it as UTF-8") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TunesmithError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
+    return decode_text(data, path, [])
