@@ -82,14 +82,14 @@ def prepare(
     path = Path(path)
     _check_settings(block_size, fraction, max_tokens, valid_fraction)
     out_dir = Path(out) if out is not None else default_output(path)
-    loaded: list[Any] = [tokenizer]
 
-    def get_tokenizer() -> Any:
-        if loaded[0] is None:
+    def get_tokenizer() -> Any:  # loaded once, when first needed
+        nonlocal tokenizer
+        if tokenizer is None:
             from .models import load_tokenizer
 
-            loaded[0] = load_tokenizer(base)
-        return loaded[0]
+            tokenizer = load_tokenizer(base)
+        return tokenizer
 
     corpus = read_records(path, known_word=_Lexicon(get_tokenizer))
     _check_output(out_dir, overwrite)
