@@ -65,6 +65,10 @@ def test_sherlock_keeps_short_lines_like_the_contents(sherlock: Corpus) -> None:
     assert contents["text"].split("\n")[:2] == ["I. A Scandal in Bohemia", "II. The Red-headed League"]
 
 
+def _words(text: str) -> str:
+    return re.sub(r"([a-z]-|--)\s+", r"\1", " ".join(text.split()))
+
+
 def test_shakespeare_speakers_are_not_merged(shakespeare: Corpus, corpora: Path) -> None:
     source = (corpora / "tinyshakespeare.txt").read_text(encoding="utf-8")
     blocks = [b for b in re.split(r"\n\s*\n", source) if b.strip()]
@@ -75,8 +79,8 @@ def test_shakespeare_speakers_are_not_merged(shakespeare: Corpus, corpora: Path)
     labelled = 0
     for text, block in zip(texts, blocks):
         block_lines = [" ".join(line.split()) for line in block.strip("\n").split("\n")]
-        # only line breaks may change, never the words
-        assert " ".join(text.split()) == " ".join(block_lines).replace("pack- saddle", "pack-saddle")
+        # only line breaks may change, never the words (a hyphen or dash at a line's end joins with no space)
+        assert _words(text) == _words(" ".join(block_lines))
         if LABEL.match(block_lines[0]):
             labelled += 1
             # the speaker's name stays alone on the first line, never run into the speech
@@ -385,3 +389,139 @@ def test_arbitrary_jsonl_lines_name_the_malformed_line(tmp_path: Path, lines: li
         return
     assert corpus.format == "text"
     assert [r["line"] for r in corpus.records] == [i + 1 for i, line in enumerate(lines) if line.strip()]
+
+
+# --- hyphens and dashes at line ends -----------------------------------------------------------
+
+FILLER = (
+    "The rain fell on the roof all night while he sat by the window and waited for the\n"
+    "morning to come, turning the matter over and over again in his mind until at last\n"
+    "the grey light crept into the room and showed him the papers on his desk again.\n"
+)
+
+
+def _paragraph(tmp_path: Path, body: str, known_word=None, extra: str = "") -> str:
+    """The re-flowed text of ``body``, a hard-wrapped paragraph placed after some filler prose."""
+    corpus = read_records(write(tmp_path, "book.txt", FILLER + "\n" + body + "\n" + extra), known_word=known_word)
+    return corpus.records[1]["text"]
+
+
+def test_split_word_is_joined_when_the_book_never_spells_it_whole(tmp_path: Path) -> None:
+    # Neither "suspicion" nor "deficiency" appears anywhere else, and the halves are no words.
+    body = (
+        "He had not the least shadow of a reason for it, and yet a dark and growing suspi-\n"
+        "cion came over him as he looked at the man who stood there at the door of the house,\n"
+        "a suspicion that he could not shake off, and which showed a strange kind of defi-\n"
+        "ciency in the story that the fellow had told him a little while before that night.\n"
+    )
+    text = _paragraph(tmp_path, body.replace("a suspicion that", "a doubt that"))
+    assert "a dark and growing suspicion came over him" in text
+    assert "a strange kind of deficiency in the story" in text
+    assert "-" not in text
+
+
+def test_capital_after_the_hyphen_keeps_it_without_a_space(tmp_path: Path) -> None:
+    body = (
+        "It was an old house, built long ago in the plain and sturdy manner of the Anglo-\n"
+        "Saxon builders who had first settled in that valley, and it stood there yet, grey\n"
+        "and square among its trees, as if it meant to outlast every one of us who lived in it.\n"
+    )
+    assert "manner of the Anglo-Saxon builders" in _paragraph(tmp_path, body)
+
+
+@pytest.mark.parametrize("dash", ["--", "\u2014"])
+def test_dash_at_a_line_end_gains_no_space(tmp_path: Path, dash: str) -> None:
+    body = (
+        f"He came back into the room and stood for a long while looking down at the fire{dash}\n"
+        "burned low by now, and giving hardly any light at all to the table by which she sat\n"
+        "with her work in her lap, and her eyes fixed on the dark window and the rain outside.\n"
+    )
+    assert f"looking down at the fire{dash}burned low by now" in _paragraph(tmp_path, body)
+
+
+def test_compound_spelled_with_a_hyphen_inside_a_line_is_kept(tmp_path: Path) -> None:
+    body = (
+        "He took the thing up and turned it over; it was the very same little brass hat-\n"
+        "securer that he had seen on the table the night before, and he put it in his pocket\n"
+        "without a word to any one of the people who were standing about in the room with him.\n"
+    )
+    extra = "The hat-securer was gone.\n"
+    assert "little brass hat-securer that" in _paragraph(tmp_path, body, extra=extra)
+    # the joined spelling inside a line wins the other way
+    assert "little brass hatsecurer that" in _paragraph(tmp_path, body, extra="The hatsecurer was gone.\n")
+
+
+def test_a_word_list_decides_what_the_book_leaves_open(tmp_path: Path) -> None:
+    body = (
+        "There was nothing to be seen on the long road but an old mule with a battered pack-\n"
+        "saddle on its back, and a boy who walked beside it with a stick, singing to himself\n"
+        "as he went, and never once looking up at the great house on the hill above the road.\n"
+    )
+    extra = "A pack and a saddle.\n"  # both halves are words of the book
+    asked: list[str] = []
+
+    def knows_packsaddle(word: str) -> bool:
+        asked.append(word)
+        return word == "packsaddle"
+
+    assert "a battered pack-saddle on its back" in _paragraph(tmp_path, body, extra=extra)  # a compound
+    assert "a battered packsaddle on its back" in _paragraph(tmp_path, body, knows_packsaddle, extra=extra)
+    assert asked == ["packsaddle"]
+    # where the book itself spells the compound, the word list is not asked
+    asked.clear()
+    text = _paragraph(tmp_path, body, knows_packsaddle, extra="A pack-saddle and a pack.\n")
+    assert "a battered pack-saddle on its back" in text and asked == []
+
+
+# --- encodings, links and JSON messages ----------------------------------------------------------
+
+
+def test_utf16_with_a_bom_is_decoded_and_said(tmp_path: Path) -> None:
+    text = "Caf\u00e9 society.\n\nA second paragraph.\n"
+    for codec, order in (("utf-16-le", "little-endian"), ("utf-16-be", "big-endian")):
+        bom = "\ufeff".encode(codec)
+        corpus = read_records(write(tmp_path, f"u-{order}.txt", bom + text.encode(codec)))
+        assert [r["text"] for r in corpus.records] == ["Caf\u00e9 society.", "A second paragraph."]
+        assert any(f"decoded UTF-16 ({order})" in fix for fix in corpus.fixes)
+
+
+def test_utf16_without_a_bom_is_named_not_called_binary(tmp_path: Path) -> None:
+    path = write(tmp_path, "u.txt", "Plain words here.\nAnd more.\n".encode("utf-16-le"))
+    with pytest.raises(TunesmithError) as err:
+        read_records(path)
+    assert "UTF-16 (little-endian)" in err.value.message and "binary" not in err.value.message
+    assert "iconv -f UTF-16LE -t UTF-8" in err.value.hint
+
+
+def test_symlink_loop_and_dangling_link(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(loop)
+    with pytest.raises(TunesmithError) as err:
+        read_records(loop)
+    assert "symlink loop" in err.value.message and "no such file" not in err.value.message
+    dangling = tmp_path / "dangling.txt"
+    dangling.symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(TunesmithError) as err:
+        read_records(dangling)
+    assert "gone.txt" in err.value.message and "does not exist" in err.value.message
+
+
+def test_json_error_shows_the_whole_message_and_the_text_at_fault(tmp_path: Path) -> None:
+    path = write(tmp_path, "m.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n')
+    with pytest.raises(TunesmithError) as err:
+        read_records(path)
+    assert err.value.message == (
+        "malformed JSON at line 2, column 16: expecting ',' delimiter, here: {\"prompt\": \"a\" \"completion\": \"b\"}"
+    )
+    long_line = '{"text": "' + "x" * 500 + '" oops}\n'
+    with pytest.raises(TunesmithError) as err:
+        read_records(write(tmp_path, "long.jsonl", long_line))
+    assert len(err.value.message) < 160 and err.value.message.endswith('" oops}')
+    with pytest.raises(TunesmithError) as err:
+        read_records(write(tmp_path, "a.json", '[{"text": "a"},\n {"text": }]'))
+    assert err.value.line == 2 and ".jsonl" not in err.value.hint
+
+
+def test_counts_read_as_english(tmp_path: Path) -> None:
+    corpus = read_records(write(tmp_path, "one.txt", "One line.\r\n"))
+    assert "normalised 1 CRLF line ending" in corpus.fixes

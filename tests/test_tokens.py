@@ -48,3 +48,17 @@ def test_book_pieces_join_with_a_paragraph_break_not_eos():
     # records (prompt/completion) still end in EOS
     ids, _ = encode_example({"prompt": "a", "completion": "b"}, _Tok(), joiner=[10, 10])
     assert ids[-1] == 0
+
+
+def test_read_text_file_decodes_utf16_and_names_what_it_cannot_read(tmp_path):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.tokens import read_text_file
+
+    (tmp_path / "u.txt").write_bytes("\ufeffCaf\u00e9 au lait".encode("utf-16-le"))
+    assert read_text_file(tmp_path / "u.txt") == "Caf\u00e9 au lait"
+    (tmp_path / "b.bin").write_bytes(b"ab\x00\x01\x02\x03\xff\xfe\x00")
+    with pytest.raises(TunesmithError, match="binary"):
+        read_text_file(tmp_path / "b.bin")
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    with pytest.raises(TunesmithError, match="symlink loop"):
+        read_text_file(tmp_path / "loop.txt")

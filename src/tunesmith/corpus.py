@@ -17,15 +17,19 @@ table records from ``.csv``/``.tsv`` with a header row.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import re
+import os
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import TunesmithError
+from .wording import counted
 
 BOOK_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -52,14 +56,15 @@ class Corpus:
     extra_fields: dict[str, int] = field(default_factory=dict)  # field name -> records carrying it
 
 
-def read_records(path: str | Path) -> Corpus:
-    """Read, clean and check a training file; raise ``TunesmithError`` on anything unusable."""
+def read_records(path: str | Path, known_word: Callable[[str], bool] | None = None) -> Corpus:
+    """Read, clean and check a training file; raise ``TunesmithError`` on anything unusable.
+
+    ``known_word`` (optional) says whether a lower-case word is a word of the language; it is
+    asked only about a word hyphenated across a line break that the book itself does not settle.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
-    if not path.exists():
-        raise TunesmithError("no such file", file=path, hint="check the path; it is relative to the current directory")
-    if path.is_dir():
-        raise TunesmithError("this is a directory, not a file", file=path, hint=f"pass one file ({SUPPORTED})")
+    require_file(path)
     if suffix not in BOOK_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES:
         raise TunesmithError(
             f"unsupported file type '{suffix or '(none)'}'",
@@ -71,12 +76,12 @@ def read_records(path: str | Path) -> Corpus:
     except OSError as exc:
         raise TunesmithError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
     fixes: list[str] = []
-    text = _decode(data, path, fixes)
+    text = decode_text(data, path, fixes)
     if not text.strip():
         raise TunesmithError("the file is empty", file=path, hint="it needs some text to learn from")
     text = _normalise_newlines(text, fixes)
     if suffix in BOOK_SUFFIXES:
-        corpus = _read_book(text, path, fixes)
+        corpus = _read_book(text, path, fixes, known_word)
     elif suffix in TABLE_SUFFIXES:
         corpus = _read_table(text, path, delimiter="\t" if suffix == ".tsv" else ",")
         corpus.fixes = fixes + corpus.fixes
@@ -89,27 +94,78 @@ def read_records(path: str | Path) -> Corpus:
     return corpus
 
 
+def require_file(path: Path) -> None:
+    """Raise a ``TunesmithError`` unless ``path`` is an existing file; a broken link says why."""
+    if not path.exists():
+        if path.is_symlink():
+            _raise_broken_link(path)
+        raise TunesmithError("no such file", file=path, hint="check the path; it is relative to the current directory")
+    if path.is_dir():
+        raise TunesmithError("this is a directory, not a file", file=path, hint=f"pass one file ({SUPPORTED})")
+
+
+def _raise_broken_link(path: Path) -> None:
+    """A symbolic link that leads nowhere: say whether it loops or names a missing file."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python before 3.13 reports a loop this way
+        looped = True
+    except OSError as exc:
+        looped = exc.errno == errno.ELOOP
+    else:
+        looped = False
+    if looped:
+        raise TunesmithError(
+            "this is a symbolic link that leads back to itself (a symlink loop)", file=path,
+            hint="point the link at a real file, or pass the file itself",
+        )
+    raise TunesmithError(
+        f"this is a symbolic link to '{os.readlink(path)}', which does not exist", file=path,
+        hint="point the link at a real file, or pass the file itself",
+    )
+
+
 def validate_file(path: str | Path) -> Corpus:
     """Check an uploaded file; the same as ``read_records`` (never prints, only raises ``TunesmithError``)."""
     return read_records(path)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
-
-
 # --- bytes to text ------------------------------------------------------------------------
 
 
-def _decode(data: bytes, path: Path, fixes: list[str]) -> str:
+def decode_text(data: bytes, path: str | Path, fixes: list[str]) -> str:
+    """Text from a file's bytes: UTF-8 (a BOM is dropped) or UTF-16 with a byte-order mark.
+
+    Anything else is a ``TunesmithError`` that says what the bytes look like and how to convert them.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        order = "little-endian" if data.startswith(b"\xff\xfe") else "big-endian"
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise TunesmithError(
+                f"this file starts with a UTF-16 ({order}) byte-order mark but is not valid UTF-16 "
+                f"(at byte offset {exc.start})",
+                file=path, hint="re-save the file as UTF-8",
+            ) from None
+        fixes.append(f"decoded UTF-16 ({order}) text; UTF-8 is the usual encoding for training files")
+        return text
     nul = data.find(b"\x00")
     if nul >= 0:
+        utf16 = _utf16_without_bom(data)
+        if utf16:
+            codec = "UTF-16LE" if utf16 == "little-endian" else "UTF-16BE"
+            raise TunesmithError(
+                f"this looks like UTF-16 ({utf16}) text without a byte-order mark, not UTF-8",
+                file=path,
+                hint=f"convert it to UTF-8, e.g. `iconv -f {codec} -t UTF-8 IN > OUT`, or re-save it as UTF-8",
+            )
         line = data.count(b"\n", 0, nul) + 1
         raise TunesmithError(
             f"this looks like a binary file (NUL byte at byte offset {nul})",
             file=path,
             line=line,
-            hint="give a UTF-8 text file; if it is UTF-16 text, re-save it as UTF-8",
+            hint="give a UTF-8 text file",
         )
     try:
         text = data.decode("utf-8")
@@ -127,15 +183,31 @@ def _decode(data: bytes, path: Path, fixes: list[str]) -> str:
     return text
 
 
+def _utf16_without_bom(data: bytes) -> str | None:
+    """"little-endian" or "big-endian" when the bytes read as mostly-ASCII UTF-16, else None."""
+    sample = data[:4096]
+    if len(sample) < 4:
+        return None
+    sample = sample[: len(sample) // 2 * 2]
+    half = len(sample) // 2
+    odd_zero = sample[1::2].count(0) / half
+    even_zero = sample[0::2].count(0) / half
+    if odd_zero > 0.7 and even_zero < 0.1:
+        return "little-endian"
+    if even_zero > 0.7 and odd_zero < 0.1:
+        return "big-endian"
+    return None
+
+
 def _normalise_newlines(text: str, fixes: list[str]) -> str:
     crlf = text.count("\r\n")
     if crlf:
         text = text.replace("\r\n", "\n")
-        fixes.append(f"normalised {_count(crlf, 'CRLF line ending')}")
+        fixes.append(f"normalised {counted(crlf, 'CRLF line ending')}")
     cr = text.count("\r")
     if cr:
         text = text.replace("\r", "\n")
-        fixes.append(f"converted {_count(cr, 'CR line ending')}")
+        fixes.append(f"converted {counted(cr, 'CR line ending')}")
     return text
 
 
@@ -155,12 +227,14 @@ _PG_PRODUCER = re.compile(
 )
 _SPACES = re.compile(r"[ \t\u00a0]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-# A line ending in a letter and one hyphen (not a "--" dash), followed by a line starting in lower case.
-_HYPHEN_END = re.compile(r"([A-Za-z]+)-$")
-_WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
+# A line ending in a word and one hyphen (not a "--" dash): the head of a word split at the line break.
+_HYPHEN_END = re.compile(r"(?<![-\w])([^\W\d_]+)-$")
+# A line ending in a dash written without spaces ("fire--", "fire\u2014"): the next line follows with no space.
+_DASH_END = re.compile(r"[^\W_](?:--|\u2014|\u2013)$")
+_WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
 
 
-def _read_book(text: str, path: Path, fixes: list[str]) -> Corpus:
+def _read_book(text: str, path: Path, fixes: list[str], known_word: Callable[[str], bool] | None = None) -> Corpus:
     lines = text.split("\n")
     first, last = _strip_gutenberg(lines, fixes)
     body = [(i + 1, line) for i, line in enumerate(lines[first:last], start=first)]
@@ -187,13 +261,13 @@ def _read_book(text: str, path: Path, fixes: list[str]) -> Corpus:
     records = []
     stats = {"lines": 0, "paragraphs": 0, "hyphens": 0}
     for block in blocks:
-        records.append({"text": _flow(block, width, verse_like, vocabulary, stats), "line": block[0][0]})
+        records.append({"text": _flow(block, width, verse_like, vocabulary, known_word, stats), "line": block[0][0]})
     if stats["lines"]:
         fixes.append(
-            f"re-flowed {_count(stats['lines'], 'hard-wrapped line')} into {_count(stats['paragraphs'], 'paragraph')}"
+            f"re-flowed {counted(stats['lines'], 'hard-wrapped line')} into {counted(stats['paragraphs'], 'paragraph')}"
         )
     if stats["hyphens"]:
-        fixes.append(f"joined {_count(stats['hyphens'], 'word')} hyphenated across line breaks")
+        fixes.append(f"joined {counted(stats['hyphens'], 'word')} hyphenated across line breaks")
     return Corpus(format="book", records=records, fixes=fixes)
 
 
@@ -218,12 +292,12 @@ def _strip_gutenberg(lines: list[str], fixes: list[str]) -> tuple[int, int]:
     header, footer = first, len(lines) - last
     if start is not None and end is not None:
         fixes.append(
-            f"removed Project Gutenberg header ({_count(header, 'line')}) and licence footer ({_count(footer, 'line')})"
+            f"removed Project Gutenberg header ({counted(header, 'line')}) and licence footer ({counted(footer, 'line')})"
         )
     elif start is not None:
-        fixes.append(f"removed Project Gutenberg header ({_count(header, 'line')})")
+        fixes.append(f"removed Project Gutenberg header ({counted(header, 'line')})")
     elif end is not None:
-        fixes.append(f"removed Project Gutenberg licence footer ({_count(footer, 'line')})")
+        fixes.append(f"removed Project Gutenberg licence footer ({counted(footer, 'line')})")
     return first, last
 
 
@@ -243,11 +317,11 @@ def _tidy_lines(body: list[tuple[int, str]], fixes: list[str]) -> list[tuple[int
             runs += 1
         out.append((number, collapsed))
     if trailing:
-        fixes.append(f"removed trailing whitespace from {_count(trailing, 'line')}")
+        fixes.append(f"removed trailing whitespace from {counted(trailing, 'line')}")
     if runs:
-        fixes.append(f"collapsed runs of spaces in {_count(runs, 'line')}")
+        fixes.append(f"collapsed runs of spaces in {counted(runs, 'line')}")
     if controls:
-        fixes.append(f"removed control characters from {_count(controls, 'line')}")
+        fixes.append(f"removed control characters from {counted(controls, 'line')}")
     return out
 
 
@@ -259,28 +333,45 @@ def _wrap_width(lines: list[str]) -> int:
     return int(statistics.quantiles(lengths, n=20)[-1])
 
 
-def _join_hyphenated(head: str, tail: str, vocabulary: set[str]) -> bool:
-    """Whether ``head-`` + ``tail`` at a line break is one word split by the printer.
+def _join_hyphenated(head: str, tail: str, vocabulary: Counter, known_word: Callable[[str], bool] | None) -> bool:
+    """Whether ``head-`` + ``tail`` (lower case) at a line break is one word split by the printer.
 
-    The book itself decides: a spelling seen elsewhere in it wins ("some-thing" -> "something",
-    "well-known" stays); failing that, two halves that are both words are a compound
-    ("pack-saddle"), and anything else is a split word ("defi-ciency" -> "deficiency").
+    The book decides first: whichever spelling it uses more often inside its lines wins
+    ("some-thing" -> "something", "well-known" stays). When the book uses neither, a joined
+    form that ``known_word`` knows is joined; two halves that the book uses as words on their
+    own ("pack-saddle") make a compound; anything else is a split word ("defi-ciency").
     """
-    if head + tail in vocabulary:
+    def seen(word: str) -> int:  # a plural counts for its word: "test-tubes" shows "test-tube"
+        return vocabulary[word] + vocabulary[word + "s"]
+
+    joined, compound = seen(head + tail), seen(f"{head}-{tail}")
+    if joined or compound:
+        return joined >= compound
+    if known_word is not None and known_word(head + tail):
         return True
-    if f"{head}-{tail}" in vocabulary:
-        return False
-    return not (head in vocabulary and tail in vocabulary)
+    return not (seen(head) and seen(tail))
 
 
-def _vocabulary(blocks: list[list[tuple[int, str]]]) -> set[str]:
-    """Lower-cased words seen inside lines (not at line ends), to decide how to mend hyphenations."""
-    words: set[str] = set()
+def _vocabulary(blocks: list[list[tuple[int, str]]]) -> Counter:
+    """How often each lower-cased word is seen whole in the book, to decide how to mend hyphenations.
+
+    The two halves of a word split at a line break ("suspi-" at a line's end, "cion" at the start
+    of the next) are not words of the book, so they are not counted; the parts of a compound seen
+    inside a line ("well-known") are.
+    """
+    words: Counter = Counter()
     for block in blocks:
+        split_before = False
         for _, line in block:
-            for word in _WORD.findall(line[:-1] if line.endswith("-") else line):
+            found = _WORD.findall(line)
+            if split_before and found and line.startswith(found[0]):
+                found = found[1:]  # the tail of a word split at the previous line's end
+            split_before = bool(_HYPHEN_END.search(line))
+            if split_before and found:
+                found = found[:-1]  # the head of a word split at this line's end
+            for word in found:
                 word = word.lower()
-                words.add(word)
+                words[word] += 1
                 if "-" in word:
                     words.update(word.split("-"))
     return words
@@ -329,7 +420,10 @@ def _is_label(line: str, width: int) -> bool:
     return len(line) < 0.6 * width and line.endswith(":")
 
 
-def _flow(block: list[tuple[int, str]], width: int, verse_like: bool, vocabulary: set[str], stats: dict) -> str:
+def _flow(
+    block: list[tuple[int, str]], width: int, verse_like: bool, vocabulary: Counter,
+    known_word: Callable[[str], bool] | None, stats: dict,
+) -> str:
     lines = [line for _, line in block]
     if not _is_wrapped(block, width, verse_like):
         return "\n".join(lines)
@@ -341,15 +435,19 @@ def _flow(block: list[tuple[int, str]], width: int, verse_like: bool, vocabulary
             text += "\n" + line  # a short line inside wrapped prose is a real break (a signature, a list)
             continue
         hyphen = _HYPHEN_END.search(prev)
-        if hyphen and not prev.endswith("--") and line[:1].islower():
-            head = hyphen.group(1)
-            tail = _WORD.match(line)
-            tail_word = tail.group(0).split("-")[0] if tail else ""
-            if _join_hyphenated(head.lower(), tail_word.lower(), vocabulary):
+        tail = _WORD.match(line)
+        if hyphen and tail:
+            tail_word = tail.group(0).split("-")[0]
+            if tail_word[:1].islower() and _join_hyphenated(
+                hyphen.group(1).lower(), tail_word.lower(), vocabulary, known_word
+            ):
                 text = text[:-1] + line
                 stats["hyphens"] += 1
             else:
-                text += line
+                text += line  # a compound ("pack-saddle", "Anglo-Saxon"): keep the hyphen, no space
+            continue
+        if _DASH_END.search(prev):
+            text += line  # a dash written without spaces ("fire--burned") stays without spaces
             continue
         text += " " + line
     return text
@@ -367,7 +465,7 @@ def _read_json(text: str, path: Path, suffix: str) -> Corpus:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":
-                raise _json_error(exc, path, 0) from None
+                raise _json_error(exc, path, 0, suffix) from None
             # several objects, one per line: JSONL under a .json name
         except (ValueError, RecursionError) as exc:
             raise TunesmithError(f"malformed JSON: {exc}", file=path, line=1) from None
@@ -385,21 +483,27 @@ def _read_json(text: str, path: Path, suffix: str) -> Corpus:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise _json_error(exc, path, number - 1) from None
+            raise _json_error(exc, path, number - 1, suffix) from None
         except (ValueError, RecursionError) as exc:
             raise TunesmithError(f"malformed JSON at line {number}: {exc}", file=path, line=number) from None
         items.append((number, obj))
     return _records_from(items, path)
 
 
-def _json_error(exc: json.JSONDecodeError, path: Path, line_offset: int) -> TunesmithError:
+def _json_error(exc: json.JSONDecodeError, path: Path, line_offset: int, suffix: str = ".jsonl") -> TunesmithError:
     line = exc.lineno + line_offset
-    return TunesmithError(
-        f"malformed JSON at line {line}, column {exc.colno}: {exc.msg}",
-        file=path,
-        line=line,
-        hint="each line of a .jsonl file must be one complete JSON object",
+    bad_line = exc.doc.split("\n")[exc.lineno - 1] if exc.doc else ""
+    start = max(0, exc.colno - 31)
+    excerpt = ("\u2026" if start else "") + bad_line[start : exc.colno + 29] + ("\u2026" if len(bad_line) > exc.colno + 29 else "")
+    message = f"malformed JSON at line {line}, column {exc.colno}: {exc.msg[:1].lower()}{exc.msg[1:]}"
+    if excerpt.strip():
+        message += f", here: {excerpt.strip()}"
+    hint = (
+        "each line of a .jsonl file must be one complete JSON object"
+        if suffix != ".json"
+        else "a .json file holds one JSON array of objects, one object, or one object per line"
     )
+    return TunesmithError(message, file=path, line=line, hint=hint)
 
 
 def _json_array(text: str, path: Path) -> list[tuple[int, Any]]:
@@ -412,7 +516,7 @@ def _json_array(text: str, path: Path) -> list[tuple[int, Any]]:
     try:
         json.loads(text)  # the standard parser names the line and column of a syntax error
     except json.JSONDecodeError as exc:
-        raise _json_error(exc, path, 0) from None
+        raise _json_error(exc, path, 0, ".json") from None
     except (ValueError, RecursionError) as exc:
         raise TunesmithError(f"malformed JSON: {exc}", file=path, line=1) from None
     ws = re.compile(r"\s*")

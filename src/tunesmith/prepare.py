@@ -17,6 +17,7 @@ import os
 import random
 import re
 import statistics
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,18 @@ def prepare(
     path = Path(path)
     _check_settings(block_size, fraction, max_tokens, valid_fraction)
     out_dir = Path(out) if out is not None else default_output(path)
-    corpus = read_records(path)
-    _check_output(out_dir, overwrite)
-    if tokenizer is None:
-        from .models import load_tokenizer
 
-        tokenizer = load_tokenizer(base)
+    def get_tokenizer() -> Any:  # loaded once, when first needed
+        nonlocal tokenizer
+        if tokenizer is None:
+            from .models import load_tokenizer
+
+            tokenizer = load_tokenizer(base)
+        return tokenizer
+
+    corpus = read_records(path, known_word=_Lexicon(get_tokenizer))
+    _check_output(out_dir, overwrite)
+    tokenizer = get_tokenizer()
     counter = _Counter(tokenizer, block_size - 1)
     stats: dict[str, int] = {"split": 0, "word_split": 0, "truncated": 0, "empty": 0}
     if corpus.format == "book":
@@ -103,7 +110,7 @@ def prepare(
     if dedupe:
         rows, tokens, duplicates = _dedupe(rows, tokens)
     else:
-        duplicates = len(rows) - len({_key(row) for row in rows})
+        duplicates = len(rows) - len({normalised_key(row) for row in rows})
     built, built_tokens = len(rows), sum(tokens)
     keep = max(1, round(len(rows) * fraction))
     rows, tokens = rows[:keep], tokens[:keep]
@@ -113,7 +120,7 @@ def prepare(
             total += tokens[keep]
             keep += 1
         rows, tokens = rows[:keep], tokens[:keep]
-    valid_ids = _valid_indices(len(rows), valid_fraction, seed)
+    valid_ids = _valid_indices([normalised_key(row) for row in rows], valid_fraction, seed)
     train = [row for i, row in enumerate(rows) if i not in valid_ids]
     valid = [row for i, row in enumerate(rows) if i in valid_ids]
     train_tokens = sum(t for i, t in enumerate(tokens) if i not in valid_ids)
@@ -601,15 +608,21 @@ def _pair_examples(
     return rows, tokens
 
 
-def _key(row: dict) -> str:
-    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+def normalised_key(row: dict) -> str:
+    """What makes two examples the same: their text fields, NFKC-normalised with runs of
+    whitespace collapsed and the ends stripped (so "a  b\n" and "a b" are one example)."""
+    norm = {
+        name: " ".join(unicodedata.normalize("NFKC", value).split())
+        for name, value in row.items() if isinstance(value, str)
+    }
+    return json.dumps(norm, sort_keys=True, ensure_ascii=False)
 
 
 def _dedupe(rows: list[dict], tokens: list[int]) -> tuple[list[dict], list[int], int]:
     seen: set[str] = set()
     kept_rows, kept_tokens = [], []
     for row, n in zip(rows, tokens):
-        key = _key(row)
+        key = normalised_key(row)
         if key in seen:
             continue
         seen.add(key)
@@ -618,12 +631,33 @@ def _dedupe(rows: list[dict], tokens: list[int]) -> tuple[list[dict], list[int],
     return kept_rows, kept_tokens, len(rows) - len(kept_rows)
 
 
-def _valid_indices(n: int, valid_fraction: float, seed: int) -> set[int]:
-    """A seeded random choice of examples (for a book: passages drawn from all through it)."""
+def _valid_indices(keys: list[str], valid_fraction: float, seed: int) -> set[int]:
+    """A seeded random choice of examples (for a book: passages drawn from all through it).
+
+    Copies of one example (same ``keys``) are drawn together, so none is on both sides of the split.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    members = list(groups.values())
+    n = len(members)
     if n < 2 or valid_fraction <= 0:
         return set()
     count = min(n - 1, max(1, round(n * valid_fraction)))
-    return set(random.Random(seed).sample(range(n), count))
+    return {i for g in random.Random(seed).sample(range(n), count) for i in members[g]}
+
+
+class _Lexicon:
+    """Whether a lower-case word is a single token of the base model's tokenizer, that is, a
+    word common enough in the language to have its own token. A book's hyphenations that the
+    book itself does not settle ask this (the tokenizer is loaded on the first question)."""
+
+    def __init__(self, get_tokenizer) -> None:
+        self._get = get_tokenizer
+
+    def __call__(self, word: str) -> bool:
+        tokenizer = self._get()
+        return len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -682,24 +716,29 @@ def _checks(
             checks.append(_check("columns", "ok", f"every record has {required} and nothing else"))
 
     if fmt != "book":
-        what = "texts" if fmt == "text" else "examples with an empty completion"
+        what = "empty text" if fmt == "text" else "example with an empty completion"
         if stats["empty"]:
-            one = "text" if fmt == "text" else "example with an empty completion"
-            checks.append(_check("empty", "fixed", f"removed {counted(stats['empty'], one, what)}"))
+            checks.append(_check("empty", "fixed", f"removed {counted(stats['empty'], what)}"))
         else:
-            checks.append(_check("empty", "ok", f"no {what}"))
+            checks.append(_check("empty", "ok", "no empty texts" if fmt == "text" else "no examples with an empty completion"))
 
     if duplicates and dedupe:
-        checks.append(_check("duplicates", "fixed", f"removed {counted(duplicates, 'exact duplicate example')}"))
+        checks.append(_check(
+            "duplicates", "fixed", f"removed {counted(duplicates, 'duplicate example')} (same text up to whitespace)"
+        ))
     elif duplicates:
-        checks.append(_check("duplicates", "warning", f"{counted(duplicates, 'exact duplicate example')} kept (dedupe is off)"))
+        checks.append(_check(
+            "duplicates", "warning",
+            f"{counted(duplicates, 'duplicate example')} kept (dedupe is off); copies of one example are all "
+            "on the same side of the train/validation split",
+        ))
     else:
         checks.append(_check("duplicates", "ok", "no duplicate examples"))
 
     budget = block_size - 1
     if fmt in ("book", "text"):
         if stats["split"]:
-            msg = f"split {counted(stats['split'], 'paragraph')} longer than {counted(budget, 'token')} at sentence ends"
+            msg = f"split {counted(stats['split'], 'paragraph')} longer than {budget:,} tokens at sentence ends"
             if stats["word_split"]:
                 msg += f" ({counted(stats['word_split'], 'over-long sentence')} at word breaks)"
             checks.append(_check("long examples", "fixed", msg))
@@ -708,7 +747,7 @@ def _checks(
     elif stats["truncated"]:
         checks.append(_check(
             "long examples", "fixed",
-            f"truncated {counted(stats['truncated'], 'example')} longer than {counted(budget, 'token')} (the prompt's start is cut "
+            f"truncated {counted(stats['truncated'], 'example')} longer than {budget:,} tokens (the prompt's start is cut "
             "first); raise --block-size to keep them whole",
         ))
     else:
@@ -732,7 +771,9 @@ def _checks(
         reason = "--valid-fraction is 0" if settings["valid_fraction"] == 0 else "there is only one example"
         checks.append(_check("validation", "warning", f"no validation examples ({reason}); no held-out loss"))
     else:
-        checks.append(_check("validation", "ok", f"{counted(n_valid, 'example')} held out at random (seed {settings['seed']})"))
+        checks.append(_check(
+            "validation", "ok", f"{counted(n_valid, 'example')} held out at random (seed {settings['seed']})"
+        ))
     checks.append(_check("task", "ok", _task(fmt, rows)))
     return checks
 
@@ -771,7 +812,8 @@ def _pair_checks(rows: list[dict]) -> list[dict]:
     if no_space:
         checks.append(_check(
             "leading space", "warning",
-            f"{no_space:,} of {len(completions):,} completions do not start with a space; start each with one "
+            f"{no_space:,} of {counted(len(completions), 'completion')} {'does' if no_space == 1 else 'do'} "
+            "not start with a space; start each with one "
             "(' '), as tokenizers attach the space to the first word",
         ))
     else:

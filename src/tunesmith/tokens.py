@@ -1,8 +1,11 @@
 """From prepared examples to packed token blocks, and the `tokenize` lesson.
 
-Examples are tokenized once, joined into one stream (each ending in EOS) and cut into
-full blocks, so no compute is spent on padding. A loss mask keeps prompts out of the
-loss for prompt/completion and chat data.
+Books and text documents are tokenized once, joined into one stream and cut into full
+blocks, so no compute is spent on padding; a passage may read on from the one before it.
+Prompt/completion and chat examples are packed whole, several to a block, each in its own
+segment: a token attends only to earlier tokens of its own example, positions restart at 0
+for each example, and the rest of a block is padding. A loss mask keeps prompts (and padding)
+out of the loss.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .corpus import decode_text, require_file
 from .errors import TunesmithError
 
 
@@ -22,6 +26,10 @@ class Blocks:
 
     ids: np.ndarray  # (n, block_size + 1) int64
     mask: np.ndarray  # (n, block_size + 1) bool: True where the token is a target to learn
+    # For examples packed apart: which example each token belongs to (a token attends only to its
+    # own example's tokens) and its position within that example. None: one causal stream.
+    segments: np.ndarray | None = None  # (n, block_size + 1) int32
+    positions: np.ndarray | None = None  # (n, block_size + 1) int64
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,6 +94,67 @@ def pack(ids: np.ndarray, mask: np.ndarray, block_size: int, pad_id: int) -> Blo
     return Blocks(ids=ids[window], mask=mask[window])
 
 
+RECORD_FORMATS = ("prompt_completion", "chat")
+
+
+def make_blocks(rows: list[dict], tokenizer, block_size: int, fmt: str | None) -> Blocks:
+    """Training blocks for rows of a prepared data set of format ``fmt``.
+
+    Books pack across paragraphs (pieces joined by a paragraph break), text documents across
+    documents (each ending in EOS); prompt/completion and chat examples are packed apart
+    (``pack_examples``), so no example sees the one before it.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if fmt in RECORD_FORMATS:
+        return pack_examples([encode_example(row, tokenizer) for row in rows], block_size, pad)
+    joiner = book_joiner(tokenizer) if fmt == "book" else None
+    return pack(*tokenize_rows(rows, tokenizer, joiner), block_size, pad)
+
+
+def pack_examples(examples: list[tuple[list[int], list[bool]]], block_size: int, pad_id: int) -> Blocks:
+    """Pack whole examples into rows of ``block_size + 1`` tokens, first fit in order, each in its
+    own segment; the rest of a row is padding (its own segment, never a target).
+
+    An example's first token is never a target (nothing of the example comes before it). An
+    example longer than a row is cut into row-sized pieces that overlap by one token, as ``pack``
+    cuts a stream, so each of its tokens after the first is still a target exactly once.
+    """
+    width = block_size + 1
+    pieces: list[tuple[list[int], list[bool]]] = []
+    for ids, mask in examples:
+        if len(ids) < 2:
+            continue
+        for start in range(0, max(len(ids) - 1, 1), block_size):
+            pieces.append((ids[start : start + width], mask[start : start + width]))
+    if not pieces:
+        raise ValueError("need at least two tokens to train on")
+    rows: list[list[tuple[list[int], list[bool]]]] = []
+    used = width
+    for piece in pieces:
+        if used + len(piece[0]) > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(piece)
+        used += len(piece[0])
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    segments = np.zeros((len(rows), width), dtype=np.int32)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for segment, (piece_ids, piece_mask) in enumerate(row):
+            end = at + len(piece_ids)
+            ids[r, at:end] = piece_ids
+            mask[r, at:end] = piece_mask
+            mask[r, at] = False
+            segments[r, at:end] = segment
+            positions[r, at:end] = np.arange(len(piece_ids))
+            at = end
+        segments[r, at:] = len(row)  # padding
+        positions[r, at:] = np.arange(width - at)
+    return Blocks(ids=ids, mask=mask, segments=segments, positions=positions)
+
+
 def tokenize_text(text: str, tokenizer) -> list[dict]:
     """How the tokenizer splits ``text``: one row per token with its id and visible text."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -96,14 +165,11 @@ def tokenize_text(text: str, tokenizer) -> list[dict]:
 
 
 def read_text_file(path: str | Path) -> str:
+    """A text file's contents: UTF-8 or UTF-16 with a byte-order mark (see corpus.decode_text)."""
     path = Path(path)
-    if not path.is_file():
-        raise TunesmithError("no such file", file=path)
-    data = path.read_bytes()
-    if b"\x00" in data[:8192]:
-        raise TunesmithError("this looks like a binary file, not text", file=path)
+    require_file(path)
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise TunesmithError(f"not valid UTF-8 (byte {exc.start})", file=path, line=line, hint="save it as UTF-8") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TunesmithError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
+    return decode_text(data, path, [])

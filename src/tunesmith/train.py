@@ -181,8 +181,12 @@ def eager_layers(model):
             layer._compiled_call_impl = compiled
 
 
-def lm_loss(model, ids, mask, compute_dtype):
-    """Summed next-token loss, correct predictions and target count for a micro-batch."""
+def lm_loss(model, ids, mask, compute_dtype, segments=None, positions=None):
+    """Summed next-token loss, correct predictions and target count for a micro-batch.
+
+    With ``segments`` (examples packed apart, see tokens.pack_examples) a token attends only to
+    earlier tokens of its own segment, at ``positions`` that restart for each segment.
+    """
     import torch
 
     from .loss import linear_cross_entropy
@@ -190,8 +194,11 @@ def lm_loss(model, ids, mask, compute_dtype):
     inputs = ids[:, :-1]
     targets = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
     causal = _causal_lm(model)
+    extra = {}
+    if segments is not None:
+        extra = {"attention_mask": segment_mask(segments[:, :-1], causal), "position_ids": positions[:, :-1]}
     with torch.autocast(ids.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        hidden = causal.model(input_ids=inputs).last_hidden_state
+        hidden = causal.model(input_ids=inputs, **extra).last_hidden_state
         loss_sum, correct = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]),
             causal.get_output_embeddings().weight,
@@ -199,6 +206,30 @@ def lm_loss(model, ids, mask, compute_dtype):
             compute_dtype,
         )
     return loss_sum, correct, int((targets >= 0).sum())
+
+
+def segment_mask(segments, model):
+    """The (batch, 1, T, T) attention mask of packed segments: causal within a segment, nothing across."""
+    import torch
+
+    n = segments.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+        dtype = model.get_input_embeddings().weight.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
+    return allowed[:, None]
+
+
+def _segments(blocks, index, device):
+    """``blocks``' segments and positions at ``index`` on ``device``, or (None, None) for one stream."""
+    import torch
+
+    if blocks.segments is None:
+        return None, None
+    return (torch.from_numpy(blocks.segments[index]).to(device), torch.from_numpy(blocks.positions[index]).to(device))
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
@@ -220,12 +251,15 @@ def train_step(model, opt, sched, blocks, batch_idx, cfg: TrainConfig, device, c
 
     ids = torch.from_numpy(blocks.ids[batch_idx]).to(device, non_blocking=True)
     mask = torch.from_numpy(blocks.mask[batch_idx]).to(device, non_blocking=True)
+    segments, positions = _segments(blocks, batch_idx, device)
     n_targets = int(blocks.mask[batch_idx][:, 1:].sum())  # from numpy: no device sync
     micro = micro_batch_size(cfg, device)
     total_loss = torch.zeros((), device=device)
     total_correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(batch_idx), micro):
-        loss_sum, correct, _ = lm_loss(model, ids[start : start + micro], mask[start : start + micro], compute_dtype)
+        part = slice(start, start + micro)
+        seg, pos = (segments[part], positions[part]) if segments is not None else (None, None)
+        loss_sum, correct, _ = lm_loss(model, ids[part], mask[part], compute_dtype, seg, pos)
         (loss_sum / max(n_targets, 1)).backward()
         total_loss += loss_sum.detach()
         total_correct += correct
@@ -255,7 +289,8 @@ def evaluate(model, blocks, cfg: TrainConfig, device, compute_dtype) -> dict:
         for start in range(0, len(blocks), micro):
             ids = torch.from_numpy(blocks.ids[start : start + micro]).to(device)
             mask = torch.from_numpy(blocks.mask[start : start + micro]).to(device)
-            loss_sum, c, n = lm_loss(model, ids, mask, compute_dtype)
+            segments, positions = _segments(blocks, slice(start, start + micro), device)
+            loss_sum, c, n = lm_loss(model, ids, mask, compute_dtype, segments, positions)
             loss, correct, count = loss + loss_sum.item(), correct + int(c), count + n
     model.train(was_training)
     mean = loss / max(count, 1)
@@ -276,13 +311,33 @@ def load_data(data: str | Path, cfg: TrainConfig, tokenizer, data_dir: Path, val
     if not prepared.train:
         raise TunesmithError("no training examples", file=data)
     train, valid = prepared.train, prepared.valid
+    warnings: list[str] = []
     if validation is not None:
+        from .atomic import write_json
+        from .wording import counted
+        from .prepare import normalised_key
+
         held = _examples(validation, cfg, tokenizer, data_dir / "validation", hold_out=False)
         shutil.rmtree(data_dir / "validation", ignore_errors=True)
         train, valid = train + valid, held.train + held.valid
+        seen = {normalised_key(row) for row in train}
+        shared = sum(normalised_key(row) in seen for row in valid)
+        if shared:
+            check = {"name": "validation", "status": "warning", "message": (
+                f"{counted(shared, 'example')} of {len(valid):,} in the validation file "
+                f"{'is' if shared == 1 else 'are'} also in the training data, so validation loss will look "
+                "better than it is; remove them from one of the two files"
+            )}
+            warnings.append(check["message"])
+        else:
+            check = {"name": "validation", "status": "ok",
+                     "message": f"{counted(len(valid), 'example')} from the validation file, none in the training data"}
+        checks = [c for c in prepared.report.get("checks", []) if c.get("name") != "validation"]
+        prepared.report["checks"] = checks + [check]
         write_jsonl(data_dir / "train.jsonl", train)
         write_jsonl(data_dir / "valid.jsonl", valid)
-    return {"train": train, "valid": valid, "report": prepared.report}
+        write_json(data_dir / "report.json", prepared.report)
+    return {"train": train, "valid": valid, "report": prepared.report, "warnings": warnings}
 
 
 def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_out: bool):
@@ -494,7 +549,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
            resume: bool = False) -> None:
     import torch
 
-    from .tokens import book_joiner, pack, tokenize_rows
+    from .tokens import make_blocks
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -503,10 +558,11 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     model, tok, device, compute = build_model(cfg)
     emit({"type": "info", "message": f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"})
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    joiner = book_joiner(tok) if (prepared.get("report") or {}).get("format") == "book" else None
-    train_blocks = pack(*tokenize_rows(prepared["train"], tok, joiner), cfg.block_size, pad)
-    valid_blocks = pack(*tokenize_rows(prepared["valid"], tok, joiner), cfg.block_size, pad) if prepared["valid"] else None
+    fmt = (prepared.get("report") or {}).get("format")
+    train_blocks = make_blocks(prepared["train"], tok, cfg.block_size, fmt)
+    valid_blocks = make_blocks(prepared["valid"], tok, cfg.block_size, fmt) if prepared["valid"] else None
+    for warning in prepared.get("warnings", []):
+        emit({"type": "info", "level": "warning", "message": f"warning: {warning}"})
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
