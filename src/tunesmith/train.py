@@ -294,6 +294,19 @@ def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_o
     )
 
 
+def pack_data(prepared: dict, tok, block_size: int):
+    """Training and validation blocks of ``prepared`` (as load_data returns it), as the run
+    trains on them; the pieces of a book are joined by a paragraph break. The time estimate
+    counts blocks with this too."""
+    from .tokens import book_joiner, pack, tokenize_rows
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    joiner = book_joiner(tok) if (prepared.get("report") or {}).get("format") == "book" else None
+    train_blocks = pack(*tokenize_rows(prepared["train"], tok, joiner), block_size, pad)
+    valid_blocks = pack(*tokenize_rows(prepared["valid"], tok, joiner), block_size, pad) if prepared["valid"] else None
+    return train_blocks, valid_blocks
+
+
 def default_out(data: str | Path) -> Path:
     stem = Path(data).name.split(".")[0] or "run"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -372,8 +385,6 @@ def finetune(
 def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_progress: bool, samples: bool) -> None:
     import torch
 
-    from .tokens import book_joiner, pack, tokenize_rows
-
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -381,10 +392,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     model, tok, device, compute = build_model(cfg)
     emit({"type": "info", "message": f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"})
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    joiner = book_joiner(tok) if (prepared.get("report") or {}).get("format") == "book" else None
-    train_blocks = pack(*tokenize_rows(prepared["train"], tok, joiner), cfg.block_size, pad)
-    valid_blocks = pack(*tokenize_rows(prepared["valid"], tok, joiner), cfg.block_size, pad) if prepared["valid"] else None
+    train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size)
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
