@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -511,6 +512,7 @@ def main() -> None:
                     help="the two run lengths of the estimate check, in epochs (default 1 2)")
     ap.add_argument("--hf-compile", choices=["on", "off"], default="off",
                     help="also time the Trainer with torch_compile=True (default off: see NOTES.md)")
+    ap.add_argument("--configs", help="comma-separated training configurations to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="every code path with tiny step counts and 1 repeat")
     ap.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -572,6 +574,8 @@ def main() -> None:
                    "hf_best": ("train_hf", {"variant": "best", "micro_batch": micro})}
         if args.hf_compile == "on":
             configs["hf_best_compiled"] = ("train_hf", {"variant": "best_compiled", "micro_batch": micro})
+        if args.configs:
+            configs = {k: v for k, v in configs.items() if k in args.configs.split(",")}
         train = report["train"] = {name: [] for name in configs}
         for repeat in range(args.repeats):
             for name, (kind, extra) in configs.items():
@@ -605,6 +609,7 @@ def main() -> None:
     markdown = render(report)
     (results / f"{args.name}.md").write_text(markdown)
     print("\n" + markdown)
+    shutil.rmtree(work, ignore_errors=True)  # the packed data and the inductor caches
 
 
 def _our_micro(device: str) -> int:

@@ -86,7 +86,6 @@ def calibrate(cfg: TrainConfig, *, compiled: bool = False, refresh: bool = False
         write_json(Path(tmp) / "config.json", {"tunesmith_run": RUN_FORMAT})
         checkpoint = timed(lambda: save_checkpoint(Run(tmp), model, opt, sched, micro, 1, 0, 1))
         finish = timed(lambda: _plot(Path(tmp)))
-    del model, opt
     entry = {
         "load_seconds": load,
         "micro_batch": micro_n,
