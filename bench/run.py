@@ -813,11 +813,11 @@ def render(report: dict) -> str:
         f"- {c['steps']} optimizer steps per training run; tokens/s is the median step after the first {c['warmup_steps']}; "
         f"validation loss: {c['valid_blocks']} held-out blocks scored after training by one function "
         "(`tunesmith.train.evaluate`) in each row's compute dtype",
-        f"- each configuration run {n} times, interleaved (A B C A B C ...), each run in a fresh process; "
+        f"- each configuration run {n} time{'s' if n > 1 else ''}, interleaved (A B C A B C ...), each run in a fresh process; "
         "tables show median (min-max)",
         "",
         f"Reduced to fit `make bench` in 35 minutes on 2 cores: {c['steps']} training steps per run, "
-        f"{c['valid_blocks']} validation blocks, {n} repeats, the estimate check on a small part of the book, "
+        f"{c['valid_blocks']} validation blocks, {n} repeat{'s' if n > 1 else ''}, the estimate check on a small part of the book, "
         + ("the Trainer with `torch_compile=True` included. " if c["hf_compile"] == "on" else
            "the Trainer with `torch_compile=True` left out (see bench/NOTES.md). ")
         + "Pass `--steps`, `--repeats`, `--hf-compile on` for longer runs.",
@@ -874,8 +874,8 @@ def render(report: dict) -> str:
             for name, e in s["loss"].items():
                 w1 = f"{e['training_within']:.2%}" if e["training_within"] is not None else "-"
                 w2 = f"{e['validation_within']:.2%}" if e["validation_within"] is not None else "-"
-                out.append(f"| {LABELS[name]} | {e['first_step_loss_diff']:+.4f} | {e['training_loss_diff']:+.4f} | {w1} | "
-                           f"{e['validation_loss_diff']:+.4f} | {w2} |")
+                out.append(f"| {LABELS[name]} | {e['first_step_loss_diff']:+.5f} | {e['training_loss_diff']:+.5f} | {w1} | "
+                           f"{e['validation_loss_diff']:+.5f} | {w2} |")
         out += [""]
     gen = report.get("generate", {})
     if "generate" in s:
@@ -885,10 +885,11 @@ def render(report: dict) -> str:
                 f"Prompt of {gen['prompt_tokens']} tokens, {c['generation_tokens']} new tokens, batch 1; sampled: n=4, "
                 f"temperature 0.8, no top-p/top-k. tunesmith in {gen['tunesmith_dtype'].replace('torch.', '')} "
                 f"(attention: {gen['attention']['tunesmith']}); transformers `generate()` with the model loaded in fp32 and in "
-                f"bf16 (attention: {gen['attention']['hf']}). {n} interleaved rounds in one process.", "",
+                f"bf16 (attention: {gen['attention']['hf']}). {n} interleaved round{'s' if n > 1 else ''} in one process.", "",
                 "| run | tokens/s greedy | tokens/s n=4 (all sequences) | first token ms |", "| --- | ---: | ---: | ---: |"]
         for key, label in (("tunesmith", "tunesmith"), ("hf_fp32", "transformers, fp32"), ("hf_bf16", "transformers, bf16")):
             out.append(f"| {label} | {fmt(g[f'{key}_greedy'], 1)} | {fmt(g[f'{key}_n4'], 1)} | {fmt(ft[key], 0, 1e3)} |")
+        out.append("")
         tokens = {k: v["tokens"] for k, v in gen.items() if isinstance(v, dict) and "tokens" in v}
         short = [k for k, v in tokens.items() if min(v) < c["generation_tokens"] * (4 if k.endswith("n4") else 1)]
         for mode, label in (("greedy", "greedy"), ("n4", "n=4")):
@@ -914,11 +915,12 @@ def render(report: dict) -> str:
                 "| run | estimated s | measured s | ratio |", "| --- | ---: | ---: | ---: |"]
         for name, e in est.items():
             out.append(f"| {name} | {e['estimated']:.0f} | {e['measured']:.0f} | {e['ratio']:.2f} |")
+        out.append("")
         plans = report["estimate"]["plan"]
         for name in est:
             p = plans.get(name, {}).get("plan", {})
             if p.get("time parts"):
-                out.append(f"\n- {name}: {p['optimizer steps']} steps, {p['validation']}, {p['samples']}; parts: {p['time parts']}")
+                out.append(f"- {name}: {p['optimizer steps']} steps, {p['validation']}, {p['samples']}; parts: {p['time parts']}")
         out += [""]
     if s.get("load"):
         out += ["## Load", "",
