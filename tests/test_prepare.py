@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -391,34 +390,33 @@ def test_load_prepared_names_bad_rows(tokenizer, tmp_path: Path) -> None:
 # --- the training-time estimate --------------------------------------------------------------
 
 
-def test_estimate_is_called_when_available(tokenizer, tmp_path: Path, monkeypatch) -> None:
+def test_estimate_is_called_with_the_prepared_data(tokenizer, tmp_path: Path) -> None:
     calls = []
 
-    def estimate_training(base, tokens, *, epochs=4, block_size, batch_size=8, method="lora"):
-        calls.append((base, tokens, block_size))
+    def estimate(prepared):
+        calls.append((prepared.report["base"], prepared.report["block_size"], len(prepared.train)))
         return {"seconds": 750.0, "tokens_per_second": 1234.0, "basis": "measured on this machine"}
 
-    monkeypatch.setitem(sys.modules, "tunesmith.estimate", types.SimpleNamespace(estimate_training=estimate_training))
     prepared = prepare(write(tmp_path, "t.jsonl", jsonl([{"text": "Hello there."}])), tokenizer=tokenizer,
-                       block_size=128, base="my-base")
-    assert calls == [("my-base", prepared.report["tokens"]["train"], 128)]
+                       block_size=128, base="my-base", estimate=estimate)
+    assert calls == [("my-base", 128, 1)]
     assert prepared.report["estimate"]["seconds"] == 750.0
+    assert load_prepared(prepared.dir).report["estimate"]["seconds"] == 750.0
     assert "about 12 min" in format_report(prepared.report) and "1,234 tokens/s" in format_report(prepared.report)
 
 
-def test_estimate_failure_is_a_warning_not_an_error(tokenizer, tmp_path: Path, monkeypatch) -> None:
-    def estimate_training(base, tokens, **kwargs):
+def test_estimate_failure_is_a_warning_not_an_error(tokenizer, tmp_path: Path) -> None:
+    def estimate(prepared):
         raise TunesmithError("base model 'nope' is not installed")
 
-    monkeypatch.setitem(sys.modules, "tunesmith.estimate", types.SimpleNamespace(estimate_training=estimate_training))
-    prepared = prepare(write(tmp_path, "t.jsonl", jsonl([{"text": "Hello there."}])), tokenizer=tokenizer, base="nope")
+    prepared = prepare(write(tmp_path, "t.jsonl", jsonl([{"text": "Hello there."}])), tokenizer=tokenizer, base="nope",
+                       estimate=estimate)
     assert prepared.report["estimate"] is None
     assert checks(prepared)["estimate"]["message"] == "no training-time estimate: base model 'nope' is not installed"
     assert load_prepared(prepared.dir).report == prepared.report
 
 
-def test_estimate_is_none_without_the_module(tokenizer, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "tunesmith.estimate", None)  # makes the import fail
+def test_no_estimate_unless_asked(tokenizer, tmp_path: Path) -> None:
     prepared = prepare(write(tmp_path, "t.jsonl", jsonl([{"text": "Hello there."}])), tokenizer=tokenizer)
     assert prepared.report["estimate"] is None
     assert "Estimated" not in format_report(prepared.report)

@@ -62,12 +62,14 @@ def prepare(
     estimate: bool = typer.Option(True, help="measure this machine to estimate training time"),
 ) -> None:
     """Clean, cut and split a text into training examples, and report on it."""
+    from .estimate import report_estimate
     from .prepare import format_report
     from .prepare import prepare as prepare_api
 
     result = prepare_api(
         file, out=out_dir, base=base, block_size=block_size, fraction=fraction, max_tokens=max_tokens,
-        valid_fraction=valid_fraction, dedupe=dedupe, seed=seed, overwrite=overwrite, estimate=estimate,
+        valid_fraction=valid_fraction, dedupe=dedupe, seed=seed, overwrite=overwrite,
+        estimate=report_estimate if estimate else None,
     )
     out.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     out.print(f"\nwrote [bold]{escape(str(result.dir))}[/]  (train.jsonl, valid.jsonl, report.json)")
@@ -159,7 +161,7 @@ def train(
     if dry_run:
         from .estimate import plan
 
-        info = plan(data, **options)
+        info = plan(data, validation=validation, **options)
         for key, value in info.items():
             out.print(f"{key:>22}: {value}")
         return

@@ -20,7 +20,7 @@ import statistics
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .atomic import atomic_dir, write_json, write_jsonl
 from .corpus import FIELDS, Corpus, read_records
@@ -69,7 +69,7 @@ def prepare(
     dedupe: bool = True,
     seed: int = 0,
     overwrite: bool = False,
-    estimate: bool = True,
+    estimate: Callable[[Prepared], dict] | None = None,
 ) -> Prepared:
     """Read ``path``, build train/valid examples and write them with ``report.json``, atomically.
 
@@ -78,7 +78,9 @@ def prepare(
     keeps the first part of the examples (of a book: its first part), then ``max_tokens`` keeps
     examples while their total fits (always at least one). The validation set is a seeded random
     choice of ``valid_fraction`` of the examples (at least one when there are two or more).
-    ``estimate`` asks ``tunesmith.estimate`` for the training time, if that module is present.
+    ``estimate``, given, computes the training-time estimate of the report from the prepared
+    examples (the CLI passes ``tunesmith.estimate.report_estimate``); a TunesmithError from it
+    becomes a warning.
     """
     path = Path(path)
     _check_settings(block_size, fraction, max_tokens, valid_fraction)
@@ -153,13 +155,14 @@ def prepare(
         "fixes": list(corpus.fixes),
         "estimate": None,
     }
+    result = Prepared(dir=out_dir, report=report, train=train, valid=valid)
     if estimate:
         try:
-            report["estimate"] = _estimate(base, train_tokens, block_size)
+            report["estimate"] = estimate(result)
         except TunesmithError as exc:  # e.g. the base model is not installed: prepare anyway
             checks.append(_check("estimate", "warning", f"no training-time estimate: {exc.message}"))
     _write(out_dir, overwrite, train, valid, report)
-    return Prepared(dir=out_dir, report=report, train=train, valid=valid)
+    return result
 
 
 def load_prepared(path: str | Path) -> Prepared:
@@ -295,14 +298,6 @@ def _read_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
                 raise TunesmithError("missing or not a string", file=path, line=number, field=name)
         rows.append(row)
     return rows
-
-
-def _estimate(base: Any, tokens: int, block_size: int) -> dict | None:
-    try:
-        from .estimate import estimate_training
-    except ImportError:
-        return None
-    return estimate_training(str(base), tokens, block_size=block_size)
 
 
 def _duration(seconds: float) -> str:

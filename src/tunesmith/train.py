@@ -359,6 +359,18 @@ def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_o
     )
 
 
+def pack_data(prepared: dict, tok, block_size: int):
+    """Training and validation blocks of ``prepared`` (as load_data returns it), as the run
+    trains on them (tokens.make_blocks: books join their pieces by a paragraph break, records get
+    one attention segment each). The time estimate counts blocks with this too."""
+    from .tokens import make_blocks
+
+    fmt = (prepared.get("report") or {}).get("format")
+    train_blocks = make_blocks(prepared["train"], tok, block_size, fmt)
+    valid_blocks = make_blocks(prepared["valid"], tok, block_size, fmt) if prepared["valid"] else None
+    return train_blocks, valid_blocks
+
+
 def default_out(data: str | Path) -> Path:
     stem = Path(data).name.split(".")[0] or "run"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -549,8 +561,6 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
            resume: bool = False) -> None:
     import torch
 
-    from .tokens import make_blocks
-
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -558,9 +568,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     model, tok, device, compute = build_model(cfg)
     emit({"type": "info", "message": f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"})
 
-    fmt = (prepared.get("report") or {}).get("format")
-    train_blocks = make_blocks(prepared["train"], tok, cfg.block_size, fmt)
-    valid_blocks = make_blocks(prepared["valid"], tok, cfg.block_size, fmt) if prepared["valid"] else None
+    train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size)
     for warning in prepared.get("warnings", []):
         emit({"type": "info", "level": "warning", "message": f"warning: {warning}"})
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
