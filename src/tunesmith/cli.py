@@ -348,8 +348,18 @@ def demo(
     full: bool = typer.Option(False, "--full", help="train on the whole text (slow)"),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (replaced)"),
     seed: int = typer.Option(0),
+    two_stage: bool = typer.Option(False, "--two-stage", help="LM fine-tune, then a rating regressor, on movie reviews"),
 ) -> None:
     """Prepare a public-domain book, fine-tune the bundled model on it, compare before and after."""
+    if two_stage:
+        from .two_stage import format_table, run_two_stage
+
+        say = lambda s: out.print(s, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+        result = run_two_stage(out=out_dir if out_dir != Path("runs/demo") else Path("runs/two-stage"), full=full,
+                               seed=seed, say=say)
+        say("\n" + format_table(result))
+        say(f"total {result.seconds / 60:.1f} min; runs in {result.stage1_dir.parent}")
+        return
     from rich.columns import Columns
     from rich.panel import Panel
 
