@@ -13,6 +13,7 @@ from tunesmith.atomic import write_jsonl
 from tunesmith.classify import Classifier, finetune_classifier, predict_file
 from tunesmith.errors import TunesmithError
 from tunesmith.labelled import read_labelled, split
+from tunesmith.rundir import Run
 from tunesmith.scores import accuracy, confusion, macro_f1, mse, pearson, ranks, spearman
 
 # ---------------------------------------------------------------------------------------------
@@ -247,12 +248,8 @@ def test_predict_cli(two_stage_run, tmp_path):
     assert result.exit_code == 0, result.output
     expected = Classifier.load(run.path).predict(["the play was hardly dreadful"])[0]["label"]
     assert result.output.split()[0] == expected
-    result = CliRunner().invoke(app, ["predict", str(stage1_path(two_stage_run)), "x"])
+    result = CliRunner().invoke(app, ["predict", str(two_stage_run[0].path), "x"])
     assert result.exit_code == 1 and "not a classifier" in result.output
-
-
-def stage1_path(runs):
-    return runs[0].path
 
 
 def test_classifications_route(two_stage_run, tunesmith_home):
@@ -294,3 +291,66 @@ def test_real_model_classifier_trains_and_predicts(tmp_path, real_base_dir):
     result = Classifier.load(run.path).predict(["the meal was not good"])[0]
     assert result["label"] in ("negative", "positive")
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_train_cli_reports_bad_labelled_data_without_traceback(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    path = _csv(tmp_path / "d.csv", ["review", "stars"], [["good", "5"], ["bad", "1"]])
+    result = CliRunner().invoke(app, ["train", str(path), "--task", "classify", "--base", "tiny-llama",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "no label column" in result.output and "review, stars" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    result = CliRunner().invoke(app, ["train", str(path), "--task", "classify", "--label-col", "stars",
+                                      "--text-col", "body", "--base", "tiny-llama", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "'body'" in result.output and "review, stars" in result.output
+
+
+def _fake_vader_archive(path, rows):
+    """An archive shaped like the vaderSentiment sdist: the snippets inside a tarball inside it."""
+    import io
+    import tarfile
+
+    text = "".join(f"{i}\t{rating}\t{snippet}\r\n" for i, (rating, snippet) in enumerate(rows, 1)).encode()
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        add(tar, "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", text)
+    with tarfile.open(path, "w:gz") as tar:
+        add(tar, "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz", inner.getvalue())
+    return path
+
+
+def test_snippets_are_read_from_the_nested_archive(tmp_path):
+    from tunesmith.two_stage import read_snippets
+
+    archive = _fake_vader_archive(tmp_path / "v.tar.gz", [(2.26666666667, "The Rock is ''Conan''."), (-1.8125, "Dull.")])
+    rows = read_snippets(archive)
+    assert rows == [{"id": "1", "rating": 2.26666666667, "text": 'The Rock is "Conan".'},
+                    {"id": "2", "rating": -1.8125, "text": "Dull."}]
+    (tmp_path / "bad.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(TunesmithError, match="not the expected vaderSentiment archive"):
+        read_snippets(tmp_path / "bad.tar.gz")
+
+
+def test_two_stage_demo_runs_end_to_end(tmp_path, tiny_model_dir):
+    from tunesmith.two_stage import format_table, run_two_stage
+
+    rows = [(float(STRENGTH[r["phrase"].split()[-1]] * (-1 if r["phrase"].split()[1] in NEGATORS else 1)),
+             f"{r['subject']} {r['phrase']}") for r in graded_sentences(90, seed=3)]
+    archive = _fake_vader_archive(tmp_path / "v.tar.gz", rows)
+    result = run_two_stage(out=tmp_path / "runs", base="tiny-llama", train_rows=50, valid_rows=30, lm_rows=60,
+                           archive=archive, progress=False, say=lambda s: None)
+    assert [r.name for r in result.rows][1:] == ["(a) stage 2 from the base", "(b) stage 2 from stage 1"]
+    assert result.counts == {"stage1_snippets": 60, "stage2_train": 50, "valid": 30}
+    assert Run(result.rows[2].run_dir).config["base"] == str(result.stage1_dir.resolve())
+    table = format_table(result)
+    assert "mean predictor" in table and "sign accuracy" in table
