@@ -354,3 +354,28 @@ def test_two_stage_demo_runs_end_to_end(tmp_path, tiny_model_dir):
     assert Run(result.rows[2].run_dir).config["base"] == str(result.stage1_dir.resolve())
     table = format_table(result)
     assert "mean predictor" in table and "sign accuracy" in table
+
+
+def test_demo_two_stage_prints_the_table(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunesmith import two_stage
+    from tunesmith.cli import app
+
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return two_stage.TwoStageResult(
+            rows=[two_stage.StageResult("mean predictor (baseline)", None, None, 3.1, 0.52, 0.0),
+                  two_stage.StageResult("(a) stage 2 from the base", 0.61, 0.6, 1.9, 0.74, 5.0, tmp_path),
+                  two_stage.StageResult("(b) stage 2 from stage 1", 0.66, 0.65, 1.7, 0.77, 5.0, tmp_path)],
+            stage1_dir=tmp_path / "stage1-lm", counts={"valid": 400}, seconds=60.0)
+
+    monkeypatch.setattr(two_stage, "run_two_stage", fake)
+    result = CliRunner().invoke(app, ["demo", "--two-stage", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert seen["out"] == tmp_path and seen["full"] is False
+    lines = result.output.splitlines()
+    assert any(line.startswith("(b) stage 2 from stage 1") and "0.660" in line and "0.770" in line for line in lines)
+    assert any(line.startswith("mean predictor") and "0 (const)" in line and "0.520" in line for line in lines)
