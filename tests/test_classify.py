@@ -250,6 +250,8 @@ def test_predict_cli(two_stage_run, tmp_path):
     assert result.output.split()[0] == expected
     result = CliRunner().invoke(app, ["predict", str(two_stage_run[0].path), "x"])
     assert result.exit_code == 1 and "not a classifier" in result.output
+    result = CliRunner().invoke(app, ["generate", str(run.path), "x"])
+    assert result.exit_code == 1 and "tunesmith predict" in result.output and "Traceback" not in result.output
 
 
 def test_classifications_route(two_stage_run, tunesmith_home):
