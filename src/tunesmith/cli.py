@@ -146,8 +146,9 @@ def train(
     (--base may be a language-model run: the two-stage fine-tune)."""
     if task is not None:
         _train_classifier(data, task=task, base=base, out_dir=out_dir, epochs=epochs, lr=lr, method=method,
-                          lora_r=lora_r, seed=seed, max_steps=max_steps, dtype=dtype, device=device,
-                          overwrite=overwrite, text_col=text_col, label_col=label_col, template=template)
+                          lora_r=lora_r, seed=seed, batch_size=batch_size, max_steps=max_steps, dtype=dtype,
+                          device=device, overwrite=overwrite, text_col=text_col, label_col=label_col,
+                          template=template)
         return
     options = dict(
         base=base, epochs=epochs, lr=lr, batch_size=batch_size, block_size=block_size, method=method,
