@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU build of torch (on this machine it installs from a wheel on disk). For CUDA, see README.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench browser clean
+.PHONY: setup demo test bench browser clean reviews
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/tunesmith demo
+
+# The movie-review snippets of `tunesmith demo --two-stage` (Hutto & Gilbert, ICWSM 2014; MIT), fetched
+# once with pip from the vaderSentiment source archive into $$TUNESMITH_HOME/data.
+reviews: $(STAMP)
+	$(PY) -c "from tunesmith.two_stage import review_archive; print(review_archive())"
 
 # Headless Chromium for the playground test (Debian packages; needs root, skipped otherwise).
 browser:

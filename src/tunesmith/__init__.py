@@ -9,10 +9,12 @@
 
 __version__ = "0.1.0"
 
+from .classify import Classifier, finetune_classifier  # noqa: E402
 from .errors import TunesmithError  # noqa: E402
 from .generate import Completion, Model, load  # noqa: E402
 from .prepare import prepare  # noqa: E402
 from .rundir import Run  # noqa: E402
 from .train import finetune, resume  # noqa: E402
 
-__all__ = ["Completion", "Model", "Run", "TunesmithError", "finetune", "load", "prepare", "resume", "__version__"]
+__all__ = ["Classifier", "Completion", "Model", "Run", "TunesmithError", "finetune", "finetune_classifier", "load",
+           "prepare", "resume", "__version__"]

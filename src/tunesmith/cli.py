@@ -145,8 +145,21 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="show the plan and estimated time, train nothing"),
     overwrite: bool = typer.Option(False, help="replace an earlier tunesmith run at --out (never any other folder)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this interrupted run from its last checkpoint"),
+    task: Optional[str] = typer.Option(None, help="classify or regress: train a head on labelled CSV/TSV/JSONL"),
+    text_col: List[str] = typer.Option([], "--text-col", help="text column of labelled data (repeatable)"),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="label column of labelled data"),
+    template: Optional[str] = typer.Option(None, help='joins several --text-col, e.g. "q: {q} ; a: {a}"'),
 ) -> None:
-    """Fine-tune a base model on your text. Ctrl-C stops cleanly and keeps the last checkpoint."""
+    """Fine-tune a base model on your text. Ctrl-C stops cleanly and keeps the last checkpoint.
+
+    With --task classify|regress, DATA is labelled text and the run is a classifier or regressor
+    (--base may be a language-model run: the two-stage fine-tune)."""
+    if task is not None:
+        _train_classifier(data, task=task, base=base, out_dir=out_dir, epochs=epochs, lr=lr, method=method,
+                          lora_r=lora_r, seed=seed, batch_size=batch_size, max_steps=max_steps, dtype=dtype,
+                          device=device, overwrite=overwrite, text_col=text_col, label_col=label_col,
+                          template=template)
+        return
     options = dict(
         base=base, epochs=epochs, lr=lr, batch_size=batch_size, block_size=block_size, method=method,
         lora_r=lora_r, seed=seed, max_steps=max_steps, valid_fraction=valid_fraction, dtype=dtype,
@@ -233,6 +246,55 @@ def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool
 def _done(run) -> None:
     out.print(f"\n[bold green]done[/]: {escape(str(run.path))}  (status {run.status})")
     out.print(f"try: tunesmith generate {shlex.quote(str(run.path))} 'Your prompt'", markup=False, highlight=False, soft_wrap=True)
+
+
+def _train_classifier(data: Path, *, task: str, out_dir: Optional[Path], text_col: List[str], label_col: Optional[str],
+                      template: Optional[str], overwrite: bool, epochs: int, **options) -> None:
+    from .classify import finetune_classifier
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "info":
+            out.print(f"[dim]{event['message']}[/]", highlight=False)
+
+    run = finetune_classifier(
+        data, out=out_dir, text_cols=list(text_col) or None, label_col=label_col, template=template,
+        overwrite=overwrite, on_event=on_event, task=task, epochs=epochs, **options,
+    )
+    out.print(f"\n[bold green]done[/]: {run.path}  (status {run.status})")
+    out.print(f'try: tunesmith predict {run.path} "some text"')
+
+
+@app.command()
+@user_errors
+def predict(
+    run: Path = typer.Argument(..., help="a classifier or regressor run directory"),
+    text: Optional[str] = typer.Argument(None, help="the text to label or score"),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="a .txt (one text a line), .csv, .tsv or .jsonl"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="write predictions to .csv, .tsv or .jsonl"),
+) -> None:
+    """Label or score text with a classifier/regressor run."""
+    import json
+
+    from .classify import Classifier, predict_file, read_texts
+
+    if (text is None) == (file is None):
+        raise TunesmithError("give one text, or --file FILE", field="TEXT")
+    classifier = Classifier.load(run)
+    if text is not None:
+        result = classifier.predict([text])[0]
+        if "score" in result:
+            out.print(f"{result['score']:.4f}")
+        else:
+            ranked = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])
+            out.print(f"[bold]{result['label']}[/]  " + "  ".join(f"{k} {v:.3f}" for k, v in ranked), highlight=False)
+        return
+    if out_file is not None:
+        n = predict_file(classifier, file, out_file, progress=err.is_terminal)
+        out.print(f"wrote {n} predictions to {out_file}")
+        return
+    texts, _ = read_texts(file, classifier)
+    for result in classifier.predict(texts):
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
 
 
 @app.command()
@@ -359,8 +421,18 @@ def demo(
     full: bool = typer.Option(False, "--full", help="train on the whole text (slow)"),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (an earlier tunesmith run there is replaced, nothing else)"),
     seed: int = typer.Option(0),
+    two_stage: bool = typer.Option(False, "--two-stage", help="LM fine-tune, then a rating regressor, on movie reviews"),
 ) -> None:
     """Prepare a public-domain book, fine-tune the bundled model on it, compare before and after."""
+    if two_stage:
+        from .two_stage import format_table, run_two_stage
+
+        say = lambda s: out.print(s, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+        result = run_two_stage(out=out_dir if out_dir != Path("runs/demo") else Path("runs/two-stage"), full=full,
+                               seed=seed, say=say)
+        say("\n" + format_table(result))
+        say(f"total {result.seconds / 60:.1f} min; runs in {result.stage1_dir.parent}")
+        return
     from rich.columns import Columns
     from rich.panel import Panel
 

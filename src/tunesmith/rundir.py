@@ -195,6 +195,9 @@ class Run:
 
         if not self.has_weights():
             raise self._no_weights_error()
+        if self.config.get("task") in ("classify", "regress"):
+            raise TunesmithError("this run is a classifier/regressor, not a language model", file=self.path,
+                                 hint=f"use: tunesmith predict {self.path} \"some text\"")
         dtype = dtype or torch.float32
         tok = AutoTokenizer.from_pretrained(str(self.path / "tokenizer"))
         if tok.pad_token is None:

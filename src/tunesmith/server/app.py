@@ -27,7 +27,7 @@ from .errors import install_error_handlers
 from .generation import Generator
 from .guard import GuardMiddleware
 from .models_cache import ModelCache
-from .routes import files, jobs, openai, playground
+from .routes import classify, files, jobs, openai, playground
 from .store import Store
 from .supervisor import Supervisor
 
@@ -65,6 +65,6 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.state.generator = Generator(cache, catalog, queue, executor)
     app.state.supervisor = supervisor
     install_error_handlers(app)
-    for module in (playground, openai, files, jobs):
+    for module in (playground, openai, files, jobs, classify):
         app.include_router(module.router)
     return app

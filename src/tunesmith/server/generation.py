@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
+from ..classify import is_classifier_run
 from ..errors import TunesmithError
 from .admission import GenerationQueue, Ticket
 from .catalog import Catalog
@@ -134,6 +135,9 @@ class Generator:
 
     async def model(self, model_id: str):
         key, source = self.catalog.resolve(model_id)
+        if is_classifier_run(source):
+            raise APIError(400, f"the model '{model_id}' is a classifier or regressor run and writes no text; "
+                           "use /v1/classifications", param="model", code="model_not_generative")
         return await self.run(self.cache.get, key, source)
 
     async def handle_completion(self, gen: Generation) -> dict | StreamingResponse:

@@ -70,9 +70,12 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 def load_source(source: str) -> Any:
     """Load a model for generation: ``generate.load``, or a checkpoint on the run's base."""
+    from ..classify import Classifier, is_classifier_run
     from ..generate import Model, load
 
     path = Path(source)
+    if is_classifier_run(path):
+        return Classifier.load(path)
     if not is_checkpoint_dir(path):
         return load(source)
     from ..device import pick_device, pick_dtype, setup_threads
