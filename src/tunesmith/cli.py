@@ -181,10 +181,14 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="same seed, same text"),
     chat: bool = typer.Option(False, help="wrap the prompt in the chat template as a user message"),
     compare_base: bool = typer.Option(False, "--compare-base", help="also show the base model's continuation"),
+    check_copying: bool = typer.Option(
+        False, "--check-copying", help="mark spans copied from the run's training text (printed when done, not streamed)"
+    ),
 ) -> None:
     """Write a continuation of PROMPT, streamed as it is written."""
     from .generate import load
 
+    copy_index = _copy_index(model) if check_copying else None
     loaded = load(model)
     text = loaded.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -194,18 +198,82 @@ def generate(
             out.print(f"\n[bold]--- {i + 1} ---[/]")
         out.print(prompt if not chat else "", end="", style="bold", highlight=False)
         seed_i = None if seed is None else seed + i
-        for chunk in loaded.stream(text, **{**sampling, "seed": seed_i}):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _write_sample(loaded.stream(text, **{**sampling, "seed": seed_i}), copy_index)
     if compare_base and loaded.base and loaded.base != loaded.name:
         base_model = load(loaded.base)
         out.print(f"\n[bold]--- base model {loaded.base} ---[/]")
         out.print(prompt, end="", style="bold", highlight=False)
-        for chunk in base_model.stream(text, **sampling):
+        _write_sample(base_model.stream(text, **sampling), copy_index)
+
+
+def _copy_index(model: str):
+    from .copies import CopyIndex
+
+    if not Path(model).is_dir():
+        raise TunesmithError(
+            "--check-copying needs a run directory: its training text is what copies are looked for in",
+            field="--check-copying", hint="give a run dir, or check any text with `tunesmith copies SOURCE TEXT`",
+        )
+    return CopyIndex.open(model)
+
+
+def _write_sample(chunks, copy_index) -> None:
+    """Stream a sample; with a copy index, print it whole with its copied spans marked, then the figures."""
+    if copy_index is None:
+        for chunk in chunks:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        return
+    from rich.text import Text
+
+    from .copies import format_summary, marked_pieces
+
+    sample = "".join(chunk.text for chunk in chunks)
+    if not sample.strip():
+        out.print("\n(nothing generated)", highlight=False)
+        return
+    report = copy_index.check(sample)
+    if out.is_terminal:
+        shown = Text()
+        for piece, copied in marked_pieces(sample, report.spans):
+            shown.append(piece, style="bold black on yellow" if copied else None)
+        out.print(shown, highlight=False)
+    else:
+        sys.stdout.write("".join(f"[[{p}]]" if c else p for p, c in marked_pieces(sample, report.spans)) + "\n")
+        sys.stdout.flush()
+    out.print(format_summary(report), style="dim" if out.is_terminal else None, highlight=False, markup=False,
+              soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def copies(
+    source: Path = typer.Argument(..., help="a run dir, a prepared dir, or the training file itself"),
+    text: Optional[str] = typer.Argument(None, help="the text to check (or --file)"),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="read the text to check from this file"),
+    min_tokens: int = typer.Option(12, help="the shortest span that counts as copied, in tokens"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Find the spans of TEXT that occur word for word in the training text, and where they are."""
+    import json
+
+    from .copies import find_copies, format_report
+
+    if text is not None and file is not None:
+        raise TunesmithError("give the text to check as an argument or with --file, not both", field="--file")
+    if text is None and file is None:
+        raise TunesmithError("no text to check", field="TEXT",
+                             hint='tunesmith copies runs/mybook "some text", or --file sample.txt')
+    if file is not None:
+        from .tokens import read_text_file
+
+        text = read_text_file(file)
+    report = find_copies(source, text, min_tokens=min_tokens)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        out.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

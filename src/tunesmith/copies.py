@@ -1,0 +1,872 @@
+"""Is it copying the book? Verbatim spans of a text that occur in the training data.
+
+An index over the training text's token ids (the base model's tokenizer): the tokens of every
+training example in order, with a separator between documents, and their suffix array
+(``pydivsufsort``). Both are stored as ``.npy`` files in ``copies/`` inside the run (or
+prepared) directory and memory-mapped on load; the index is rebuilt when the data or the
+tokenizer changes.
+
+Lookups follow infini-gram and deduplicate-text-datasets: a text's tokens are compared with
+suffixes of the corpus by binary search on the suffix array. For every position of the text,
+its lower bound among the sorted suffixes and that suffix's neighbour share the longest prefix
+with the corpus (the "matching statistics" ``L[i]``). From ``L``:
+
+- a maximal copied span starts at ``i`` when ``L[i] >= min_tokens`` and it is not the tail of
+  the span starting at ``i - 1`` (``L[i - 1] != L[i] + 1``); its occurrences are the suffix
+  array range of its tokens, found by two more binary searches;
+- n-gram novelty is the share of positions ``i`` with ``L[i] < n`` (McCoy et al. 2021; Merrill
+  et al. 2024: the share of the text's n-grams that never occur in the training data).
+
+Whitespace is normalised on both sides (any run of spaces and line breaks is one space), so a
+passage copied from a hard-wrapped book, or across a paragraph break, still matches. Each span
+is then widened over its neighbouring characters while they agree with the corpus ignoring case
+(a copied sentence that starts with a capital where the book had none) and cut to whole words
+on both sides. Its location is a line of the original file: the training examples are found
+in the file by their letters and digits, so line breaks, hyphenation and Project Gutenberg
+boilerplate in between do not matter.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .atomic import atomic_dir
+from .errors import TunesmithError
+
+INDEX_FORMAT = 1
+INDEX_DIR = "copies"
+NOVELTY_NS = (4, 8, 16, 32)
+MAX_LOCATIONS = 3
+_OCCURRENCES_CHECKED = 32  # occurrences of a span compared character by character (the rest are counted)
+_CONTEXT_TOKENS = 24  # tokens decoded on each side of a match to widen it over case differences
+_WINDOW = 16  # tokens compared at a time in the binary search
+_BATCH_ROWS = 2048
+
+_WORD_JOINERS = "'\u2019-"
+_OPENING = "\"'([\u201c\u2018"
+_CLOSING = ".,;:!?\"')]\u201d\u2019\u2026"
+_NOT_ALNUM = re.compile(r"[\W_]+")
+_NON_SPACE = re.compile(r"\S+")
+# A chapter heading: a keyword and a number ("CHAPTER IV", "ADVENTURE I. A SCANDAL IN BOHEMIA"),
+# or a Roman numeral and a title in capitals ("IX. THE ADVENTURE OF THE ENGINEER'S THUMB").
+# A bare numeral ("II.") is a section, used only in a book without chapter headings.
+_CHAPTER = re.compile(
+    r"^(?:chapter|book|part|adventure|volume|stave|canto|act|letter|section)\s+(?:[ivxlcdm]+|\d+|[a-z]+)\b.*$",
+    re.IGNORECASE,
+)
+_NUMBERED_TITLE = re.compile(r"^(?:[IVXLCDM]+|\d+)\.\s+[^a-z]*[A-Z][^a-z]*$")
+_SECTION = re.compile(r"^(?:[IVXLCDM]+|\d+)\.?$")
+
+
+@dataclass
+class Location:
+    """Where a copied span is in the original source file."""
+
+    line: int  # 1-based line in the original source file where the span starts
+    heading: str | None  # nearest chapter heading above it, when the book has headings
+    file: str  # source file name
+    end_line: int | None = None  # the line where it ends
+
+
+@dataclass
+class Span:
+    """One maximal copied span of the checked text."""
+
+    text: str  # the copied words, with the checked text's own casing and spacing
+    start: int  # character offsets in the checked text
+    end: int
+    n_tokens: int
+    n_words: int
+    count: int  # occurrences in the corpus
+    locations: list[Location] = field(default_factory=list)  # where (up to MAX_LOCATIONS)
+
+
+@dataclass
+class CopyReport:
+    """Every copied span of a text, and the summary figures."""
+
+    spans: list[Span]
+    copy_rate: float  # share of the text's tokens inside spans
+    longest: Span | None
+    novelty: dict[int, float]  # n -> share of the text's n-grams not in the corpus (n longer than the text: left out)
+    n_tokens: int
+    min_tokens: int = 12
+
+    def to_dict(self) -> dict:
+        return {
+            "n_tokens": self.n_tokens,
+            "min_tokens": self.min_tokens,
+            "copy_rate": self.copy_rate,
+            "longest": asdict(self.longest) if self.longest else None,
+            "novelty": {str(n): v for n, v in self.novelty.items()},
+            "spans": [asdict(s) for s in self.spans],
+        }
+
+
+# --- text normalisation ---------------------------------------------------------------------
+
+
+def _normalise(text: str) -> str:
+    """Every run of whitespace as one space, no space at either end."""
+    return " ".join(text.split())
+
+
+class _Query:
+    """A checked text: normalised, tokenized, with maps back to the original characters."""
+
+    def __init__(self, text: str, tokenizer: Any) -> None:
+        self.original = text
+        words = list(_NON_SPACE.finditer(text))
+        self.orig_starts = [m.start() for m in words]
+        self.norm_starts = []
+        pos = 0
+        for m in words:
+            self.norm_starts.append(pos)
+            pos += m.end() - m.start() + 1
+        self.text = " ".join(m.group(0) for m in words)
+        encoding = tokenizer.encode(self.text, add_special_tokens=False)
+        self.ids = np.asarray(encoding.ids, dtype=np.int64)
+        # token t covers text[bounds[t]:bounds[t + 1]] (its leading space included)
+        ends = [end for _, end in encoding.offsets]
+        self.bounds = np.asarray([0] + ends, dtype=np.int64)
+        if len(ends):
+            self.bounds[-1] = len(self.text)
+        self.bounds = np.maximum.accumulate(self.bounds)
+
+    def original_offset(self, pos: int, end: bool = False) -> int:
+        """The original offset of normalised position ``pos`` (``end``: of the character before it, plus one)."""
+        if end:
+            return self.original_offset(pos - 1) + 1
+        k = bisect.bisect_right(self.norm_starts, pos) - 1
+        return self.orig_starts[k] + (pos - self.norm_starts[k])
+
+    def token_at(self, pos: int) -> int:
+        """The token covering normalised character ``pos``."""
+        return int(np.searchsorted(self.bounds, pos, side="right") - 1)
+
+
+def _wordish(s: str, j: int) -> bool:
+    c = s[j]
+    if c.isalnum():
+        return True
+    return c in _WORD_JOINERS and 0 < j < len(s) - 1 and s[j - 1].isalnum() and s[j + 1].isalnum()
+
+
+def _cuts_word(s: str, i: int) -> bool:
+    """Whether a cut between ``s[i - 1]`` and ``s[i]`` falls inside a word."""
+    return 0 < i < len(s) and _wordish(s, i - 1) and _wordish(s, i)
+
+
+def _alnum(text: str) -> str:
+    """Letters and digits only, lower case: how a passage is found in the original file."""
+    return _NOT_ALNUM.sub("", text).lower()
+
+
+# --- the source file: lines and headings ----------------------------------------------------
+
+
+class _SourceMap:
+    """The original file as one string of letters and digits, with the line of each character."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path = path
+        self.name = path.name
+        self.headings: list[tuple[int, str]] = []
+        pieces: list[str] = []
+        self.mark_pos: list[int] = []
+        self.mark_line: list[int] = []
+        pos = 0
+        if kind == "book":
+            raw = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
+            lines = raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            self.headings = _headings(lines)
+            segments: Iterable[tuple[int, str]] = enumerate(lines, start=1)
+        else:
+            from .corpus import read_records
+
+            segments = ((r["line"], _record_text(r)) for r in read_records(path).records)
+        for line, text in segments:
+            piece = _alnum(text)
+            self.mark_pos.append(pos)
+            self.mark_line.append(line)
+            pieces.append(piece)
+            pos += len(piece)
+        self.stream = "".join(pieces)
+        self._rows: dict[int, int] = {}
+
+    def line_at(self, pos: int) -> int:
+        return self.mark_line[max(0, bisect.bisect_right(self.mark_pos, pos) - 1)]
+
+    def heading_at(self, line: int) -> str | None:
+        k = bisect.bisect_right(self.headings, (line, "\uffff")) - 1
+        return self.headings[k][1] if k >= 0 else None
+
+
+def _headings(lines: list[str]) -> list[tuple[int, str]]:
+    """Chapter headings: short stand-alone lines like "CHAPTER I"; bare numerals only if nothing else."""
+    chapters, sections = [], []
+    previous = ""
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if text and not previous and len(text) <= 70:
+            if (_CHAPTER.match(text) or _NUMBERED_TITLE.match(text)) and not text.endswith((",", ";")):
+                chapters.append((number, text))
+            elif _SECTION.match(text):
+                sections.append((number, text))
+        previous = text
+    return chapters or sections
+
+
+def _record_text(record: dict) -> str:
+    if "messages" in record:
+        return "\n".join(m["content"] for m in record["messages"])
+    return "".join(record.get(name, "") for name in ("text", "prompt", "completion"))
+
+
+# --- reading the training text --------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """What an index is built from: rows of text, their tokenizer, where to store the index."""
+
+    data: Path  # the file whose hash decides whether the index is fresh
+    index_dir: Path
+    tokenizer_file: Path
+    kind: str  # the data format: book, text, prompt_completion, chat
+    original: Path | None  # the user's original file, for line numbers
+    rows_file: Path | None  # train.jsonl, or None for a raw file
+    display: str  # how a location names the rows when the original file is gone
+
+
+def _resolve(source: str | Path) -> _Source:
+    path = Path(source)
+    if not path.exists():
+        raise TunesmithError("no such file or directory", file=path, hint="give a run dir, a prepared dir or a text file")
+    if path.is_dir():
+        if (path / "data").is_dir() or _is_run(path):
+            data = path / "data"
+            if not (data / "train.jsonl").is_file():
+                raise TunesmithError(
+                    "this run has no data/train.jsonl, so there is nothing to compare with", file=path,
+                    hint="check against the prepared data or the original text file instead",
+                )
+            return _prepared_source(data, path / INDEX_DIR, path / "tokenizer")
+        if (path / "train.jsonl").is_file() and (path / "report.json").is_file():
+            return _prepared_source(path, path / INDEX_DIR, None)
+        raise TunesmithError(
+            "not a run directory or a prepared directory", file=path,
+            hint="give a run dir (with data/), a NAME.prepared dir, or the text file itself",
+        )
+    from .corpus import read_records
+    from .home import home
+
+    corpus = read_records(path)  # checks the file, with the same messages as prepare
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return _Source(
+        data=path, index_dir=home() / INDEX_DIR / f"{path.stem}-{key}", tokenizer_file=_base_tokenizer(None),
+        kind=corpus.format, original=path, rows_file=None, display=path.name,
+    )
+
+
+def _is_run(path: Path) -> bool:
+    try:
+        return "tunesmith_run" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _prepared_source(data: Path, index_dir: Path, tokenizer_dir: Path | None) -> _Source:
+    try:
+        report = json.loads((data / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = {}
+    tokenizer_file = tokenizer_dir / "tokenizer.json" if tokenizer_dir is not None else None
+    if tokenizer_file is None or not tokenizer_file.is_file():
+        tokenizer_file = _base_tokenizer(report.get("base"))
+    original = Path(report["source"]) if isinstance(report.get("source"), str) else None
+    return _Source(
+        data=data / "train.jsonl", index_dir=index_dir, tokenizer_file=tokenizer_file,
+        kind=report.get("format", "text"), original=original, rows_file=data / "train.jsonl",
+        display=str(data / "train.jsonl"),
+    )
+
+
+def _base_tokenizer(base: str | None) -> Path:
+    from .models import DEFAULT_BASE, resolve
+
+    path = Path(resolve(base or DEFAULT_BASE)) / "tokenizer.json"
+    if not path.is_file():
+        raise TunesmithError("the base model has no tokenizer.json", file=path.parent)
+    return path
+
+
+def _rows(source: _Source) -> Iterator[str]:
+    """The training text, one example at a time, as the model saw it."""
+    if source.rows_file is None:
+        from .corpus import read_records
+
+        for record in read_records(source.data).records:
+            yield _record_text(record)
+        return
+    with open(source.rows_file, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise TunesmithError(f"malformed JSON: {exc}", file=source.rows_file, line=number) from None
+            if not isinstance(row, dict):
+                raise TunesmithError("expected a JSON object", file=source.rows_file, line=number)
+            text = row.get("text") if "text" in row else (row.get("prompt") or "") + (row.get("completion") or "")
+            if not isinstance(text, str):
+                raise TunesmithError("missing or not a string", file=source.rows_file, line=number, field="text")
+            yield text
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise TunesmithError(f"cannot read the tokenizer: {exc}", file=path) from None
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+def _encode_rows(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def tokenize_corpus(rows: Iterable[str], tokenizer: Any, joined: bool, sep: int) -> tuple[np.ndarray, np.ndarray]:
+    """All rows' tokens in one array, and each row's first token index.
+
+    ``joined`` (a book): rows continue one another, separated by a space; otherwise each row is
+    its own document, followed by the separator ``sep`` that no match can cross.
+    """
+    dtype = np.uint16 if sep <= np.iinfo(np.uint16).max else np.uint32
+    chunks: list[np.ndarray] = []
+    starts: list[int] = []
+    total = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal total
+        encoded = iter(_encode_rows(tokenizer, [text for text in batch if text]))
+        for text in batch:
+            starts.append(total)  # an empty row has no tokens, but keeps its number
+            if not text:
+                continue
+            ids = next(encoded)
+            if not joined:
+                ids = ids + [sep]
+            arr = np.asarray(ids, dtype=dtype)
+            chunks.append(arr)
+            total += len(arr)
+        batch.clear()
+
+    first = True
+    for text in rows:
+        text = _normalise(text)
+        batch.append(text if (first or not joined or not text) else " " + text)
+        first = first and not text
+        if len(batch) >= _BATCH_ROWS:
+            flush()
+    if batch:
+        flush()
+    if joined and total:
+        chunks.append(np.asarray([sep], dtype=dtype))
+        total += 1
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    return tokens, np.asarray(starts, dtype=np.int64)
+
+
+def suffix_array(tokens: np.ndarray) -> np.ndarray:
+    """The suffix array of a token array (int32 while it fits, else int64).
+
+    libdivsufsort sorts bytes; tokens are written big-endian so that byte order is token order,
+    and only suffixes that start on a token boundary are kept (done here in chunks, which uses
+    less memory than pydivsufsort's own conversion).
+    """
+    from pydivsufsort import divsufsort
+
+    if len(tokens) == 0:
+        return np.zeros(0, dtype=np.int32)
+    width = tokens.dtype.itemsize
+    raw = tokens.astype(f">u{width}").view(np.uint8)
+    sa_bytes = divsufsort(raw)
+    del raw
+    out_dtype = np.int32 if len(tokens) <= np.iinfo(np.int32).max else np.int64
+    out = np.empty(len(tokens), dtype=out_dtype)
+    filled = 0
+    step = 1 << 24
+    for lo in range(0, len(sa_bytes), step):
+        part = sa_bytes[lo : lo + step]
+        keep = part[part % width == 0] // width
+        out[filled : filled + len(keep)] = keep
+        filled += len(keep)
+    return out
+
+
+# --- the index ------------------------------------------------------------------------------
+
+
+class CopyIndex:
+    """A suffix-array index of a training corpus; ``check`` finds copied spans in a text."""
+
+    def __init__(self, tokens: np.ndarray, sa: np.ndarray, rows: np.ndarray, tokenizer: Any, sep: int,
+                 source: _Source | None = None, meta: dict | None = None) -> None:
+        self.tokens = tokens
+        self.sa = sa
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.sep = sep
+        self.source = source
+        self.meta = meta or {}
+        self._source_map: _SourceMap | None | bool = None
+        self._row_pos: dict[int, int] = {}
+
+    # -- opening and building --
+
+    @classmethod
+    def open(cls, source: str | Path, rebuild: bool = False) -> "CopyIndex":
+        """The index of a run dir (its ``data/train.jsonl``), a prepared dir or any file ``prepare``
+        accepts: built on first use, and again whenever the data or the tokenizer has changed."""
+        src = _resolve(source)
+        tokenizer = _load_tokenizer(src.tokenizer_file)
+        want = {
+            "format": INDEX_FORMAT,
+            "data_hash": _hash_file(src.data),
+            "tokenizer_hash": _hash_file(src.tokenizer_file),
+        }
+        meta = None if rebuild else _read_meta(src.index_dir)
+        if meta is None or any(meta.get(k) != v for k, v in want.items()):
+            meta = cls._build(src, tokenizer, want)
+        for attempt in (1, 2):
+            try:
+                tokens = np.load(src.index_dir / "tokens.npy", mmap_mode="r")
+                sa = np.load(src.index_dir / "sa.npy", mmap_mode="r")
+                rows = np.load(src.index_dir / "rows.npy")
+                if len(tokens) == len(sa) == meta.get("tokens"):
+                    return cls(tokens, sa, rows, tokenizer, int(meta["separator"]), src, meta)
+            except (OSError, ValueError):
+                pass
+            if attempt == 1:  # damaged files (a disk filled up, a file edited by hand): build again
+                meta = cls._build(src, tokenizer, want)
+        raise TunesmithError("the copy index cannot be read back after building it", file=src.index_dir)
+
+    @staticmethod
+    def _build(src: _Source, tokenizer: Any, want: dict) -> dict:
+        sep = _separator(tokenizer)
+        tokens, rows = tokenize_corpus(_rows(src), tokenizer, joined=src.kind == "book", sep=sep)
+        if len(tokens) == 0:
+            raise TunesmithError("the training data has no text to compare with", file=src.data)
+        sa = suffix_array(tokens)
+        meta = {**want, "separator": sep, "tokens": int(len(tokens)), "rows": int(len(rows)), "kind": src.kind,
+                "source": str(src.original) if src.original else None}
+        try:
+            with atomic_dir(src.index_dir, overwrite=True) as tmp:
+                np.save(tmp / "tokens.npy", tokens)
+                np.save(tmp / "sa.npy", sa)
+                np.save(tmp / "rows.npy", rows)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise TunesmithError(f"cannot write the copy index: {exc.strerror or exc}", file=src.index_dir) from None
+        return meta
+
+    @classmethod
+    def from_texts(cls, texts: list[str], tokenizer: Any, joined: bool = False) -> "CopyIndex":
+        """An in-memory index of some texts (no files, no source lines)."""
+        sep = _separator(tokenizer)
+        tokens, rows = tokenize_corpus(texts, tokenizer, joined=joined, sep=sep)
+        return cls(tokens, suffix_array(tokens), rows, tokenizer, sep)
+
+    # -- checking --
+
+    def check(self, text: str, min_tokens: int = 12) -> CopyReport:
+        """Every maximal span of ``text`` of at least ``min_tokens`` tokens that occurs in the corpus."""
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+            raise TunesmithError(f"min tokens must be a positive whole number, not {min_tokens!r}", field="min_tokens")
+        query = self._query(text)
+        m = len(query.ids)
+        lengths = self.match_lengths(query.ids)
+        spans = self._spans(query, lengths, min_tokens)
+        covered = np.zeros(m, dtype=bool)
+        for span, (t0, t1) in spans:
+            covered[t0:t1] = True
+        found = [span for span, _ in spans]
+        return CopyReport(
+            spans=found,
+            copy_rate=float(covered.mean()) if m else 0.0,
+            longest=max(found, key=lambda s: (s.n_tokens, -s.start)) if found else None,
+            novelty=novelty_from_lengths(lengths, NOVELTY_NS),
+            n_tokens=m,
+            min_tokens=min_tokens,
+        )
+
+    def novelty(self, text: str, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
+        """For each n, the share of the text's n-token n-grams that never occur in the corpus."""
+        query = self._query(text)
+        return novelty_from_lengths(self.match_lengths(query.ids), ns)
+
+    def _query(self, text: str) -> _Query:
+        if not isinstance(text, str) or not text.strip():
+            raise TunesmithError("the text to check is empty", hint="give some text, or --file with a non-empty file")
+        return _Query(text, self.tokenizer)
+
+    # -- suffix array search --
+
+    def _compare(self, q: np.ndarray, qstart: np.ndarray, klen: np.ndarray, pos: np.ndarray,
+                 skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Compare keys ``q[qstart : qstart + klen]`` with the corpus suffixes at ``pos``, knowing
+        that their first ``skip`` tokens agree. Returns the common prefix lengths and the order:
+        -1 suffix < key, 0 the suffix starts with the key, +1 suffix > key."""
+        n, m = len(self.tokens), len(q)
+        lcp = skip.astype(np.int64)
+        order = np.zeros(len(pos), dtype=np.int64)
+        todo = np.arange(len(pos))
+        cols = np.arange(_WINDOW)[None, :]
+        while len(todo):
+            off = lcp[todo, None] + cols
+            cidx = pos[todo, None] + off
+            corpus = self.tokens[np.minimum(cidx, n - 1)].astype(np.int64)
+            corpus[cidx >= n] = -1  # past the end: a shorter suffix sorts first
+            inside = off < klen[todo, None]
+            key = q[np.minimum(qstart[todo, None] + off, m - 1)]
+            differs = (corpus != key) & inside
+            stop = differs | ~inside
+            done = stop.any(axis=1)
+            first = stop.argmax(axis=1)
+            rows = np.arange(len(todo))
+            ended = done & ~differs[rows, first]
+            sign = np.sign(corpus[rows, first] - key[rows, first])
+            finished = todo[done]
+            lcp[finished] += first[done]
+            order[finished] = np.where(ended[done], 0, sign[done])
+            lcp[todo[~done]] += _WINDOW
+            todo = todo[~done]
+        return lcp, order
+
+    def _search(self, q: np.ndarray, qstart: np.ndarray, klen: np.ndarray,
+                upper: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Binary search on the suffix array for every key at once (Manber and Myers, with the
+        common-prefix shortcut). Returns ``lo``, the first index whose suffix is >= the key
+        (``upper``: > the key), and the common prefix lengths of the key with the suffixes at
+        ``lo - 1`` and ``lo``."""
+        n, k = len(self.sa), len(qstart)
+        lo = np.zeros(k, dtype=np.int64)
+        hi = np.full(k, n, dtype=np.int64)
+        lcp_lo = np.zeros(k, dtype=np.int64)
+        lcp_hi = np.zeros(k, dtype=np.int64)
+        while True:
+            act = np.nonzero(lo < hi)[0]
+            if not len(act):
+                return lo, lcp_lo, lcp_hi
+            mid = (lo[act] + hi[act]) // 2
+            pos = np.asarray(self.sa[mid], dtype=np.int64)
+            lcp, order = self._compare(q, qstart[act], klen[act], pos, np.minimum(lcp_lo[act], lcp_hi[act]))
+            right = (order < 0) | ((order == 0) & upper)
+            lo[act] = np.where(right, mid + 1, lo[act])
+            lcp_lo[act] = np.where(right, lcp, lcp_lo[act])
+            hi[act] = np.where(right, hi[act], mid)
+            lcp_hi[act] = np.where(right, lcp_hi[act], lcp)
+
+    def match_lengths(self, ids: np.ndarray) -> np.ndarray:
+        """``L[i]``: the length of the longest prefix of ``ids[i:]`` that occurs in the corpus
+        (the longest common prefix with either neighbour of its place in the suffix array)."""
+        q = np.asarray(ids, dtype=np.int64)
+        m = len(q)
+        if m == 0 or len(self.sa) == 0:
+            return np.zeros(m, dtype=np.int64)
+        starts = np.arange(m, dtype=np.int64)
+        _, lcp_lo, lcp_hi = self._search(q, starts, m - starts)
+        return np.maximum(lcp_lo, lcp_hi)
+
+    def occurrences(self, ids: np.ndarray, starts: np.ndarray | None = None,
+                    lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Suffix-array ranges ``[lo, hi)`` of the suffixes that start with ``ids[s : s + l]`` for
+        each start ``s`` and length ``l`` (default: all of ``ids``)."""
+        q = np.asarray(ids, dtype=np.int64)
+        starts = np.zeros(1, dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
+        lengths = np.full(len(starts), len(q)) if lengths is None else np.asarray(lengths, dtype=np.int64)
+        lo, _, _ = self._search(q, starts, lengths)
+        hi, _, _ = self._search(q, starts, lengths, upper=True)
+        return lo, hi
+
+    # -- spans --
+
+    def _spans(self, query: _Query, lengths: np.ndarray, min_tokens: int) -> list[tuple[Span, tuple[int, int]]]:
+        m = len(lengths)
+        floor = max(1, min_tokens - 2)  # a few tokens short may still reach min_tokens once widened
+        previous = np.concatenate([[-1], lengths[:-1]])
+        starts = np.nonzero((lengths >= floor) & (previous != lengths + 1))[0].tolist()
+        found: list[tuple[int, int, int, list[tuple[int, int]]]] = []  # (a, b, count, [(pos, offset)])
+        los, his = self.occurrences(query.ids, np.asarray(starts, dtype=np.int64), lengths[starts])
+        for i, lo, hi in zip(starts, los.tolist(), his.tolist()):
+            length = int(lengths[i])
+            if hi <= lo:
+                continue
+            checked = np.sort(np.asarray(self.sa[lo : min(hi, lo + _OCCURRENCES_CHECKED)], dtype=np.int64))
+            best: tuple[int, int] | None = None
+            hits: list[tuple[int, int]] = []
+            for pos in checked:
+                widened = self._widen(query, i, length, int(pos))
+                if widened is None:
+                    continue
+                a, b, offset = widened
+                if best is None or (b - a) > (best[1] - best[0]):
+                    best, hits = (a, b), [(int(pos), offset)]
+                elif (a, b) == best:
+                    hits.append((int(pos), offset))
+            if best is None:
+                continue
+            count = len(hits) if hi - lo <= _OCCURRENCES_CHECKED else hi - lo
+            found.append((best[0], best[1], count, hits))
+        # drop spans inside another (a shorter match the widening has already covered)
+        found.sort(key=lambda f: (f[0], -(f[1] - f[0])))
+        kept: list[tuple[int, int, int, list[tuple[int, int]]]] = []
+        for item in found:
+            if any(k[0] <= item[0] and item[1] <= k[1] for k in kept):
+                continue
+            kept.append(item)
+        out = []
+        for a, b, count, hits in kept:
+            t0, t1 = query.token_at(a), query.token_at(b - 1) + 1
+            if t1 - t0 < min_tokens:
+                continue
+            start, end = query.original_offset(a), query.original_offset(b, end=True)
+            span_text = query.original[start:end]
+            locations = [self._locate(pos, offset, span_text) for pos, offset in hits[:MAX_LOCATIONS]]
+            out.append((
+                Span(text=span_text, start=start, end=end, n_tokens=t1 - t0, n_words=len(span_text.split()),
+                     count=int(count), locations=locations),
+                (t0, t1),
+            ))
+        return out
+
+    def _decode(self, lo: int, hi: int) -> str:
+        """Corpus text of tokens ``[lo, hi)``, stopping at a document separator."""
+        lo, hi = max(lo, 0), min(hi, len(self.tokens))
+        ids = np.asarray(self.tokens[lo:hi], dtype=np.int64)
+        ids = ids[ids != self.sep]
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False) if len(ids) else ""
+
+    def _context(self, pos: int, length: int) -> tuple[str, str]:
+        before = np.asarray(self.tokens[max(0, pos - _CONTEXT_TOKENS) : pos], dtype=np.int64)
+        cut = np.nonzero(before == self.sep)[0]
+        if len(cut):
+            before = before[cut[-1] + 1 :]
+        after = np.asarray(self.tokens[pos + length : pos + length + _CONTEXT_TOKENS], dtype=np.int64)
+        cut = np.nonzero(after == self.sep)[0]
+        if len(cut):
+            after = after[: cut[0]]
+        dec = self.tokenizer.decode
+        return (dec(before.tolist(), skip_special_tokens=False) if len(before) else "",
+                dec(after.tolist(), skip_special_tokens=False) if len(after) else "")
+
+    def _widen(self, query: _Query, i: int, length: int, pos: int) -> tuple[int, int, int] | None:
+        """The match of tokens ``[i, i + length)`` at corpus position ``pos`` as a character span
+        ``(a, b)`` of the normalised text, widened over neighbouring characters that agree with the
+        corpus ignoring case, then cut to whole words on both sides. The third value is the span's
+        start minus the match's start in corpus characters (negative when widened to the left)."""
+        q = query.text
+        a, b = int(query.bounds[i]), int(query.bounds[i + length])
+        left, right = self._context(pos, length)
+        core = q[a:b]
+        k = 0
+        while k < len(left) and k < a and _same(q[a - 1 - k], left[-1 - k]):
+            k += 1
+        r = 0
+        while r < len(right) and b + r < len(q) and _same(q[b + r], right[r]):
+            r += 1
+        corpus = left + core + right
+        ca, cb = len(left) - k, len(left) + len(core) + r
+        qa, qb = a - k, b + r
+        # start at a whole word (with its opening quote), end after a whole word (with its closing punctuation)
+        while qa < qb and (not q[qa].isalnum() or _cuts_word(q, qa) or _cuts_word(corpus, ca)):
+            qa += 1
+            ca += 1
+        while qb > qa and (not q[qb - 1].isalnum() or _cuts_word(q, qb) or _cuts_word(corpus, cb)):
+            qb -= 1
+            cb -= 1
+        if qb <= qa:
+            return None
+        while qa > a - k and q[qa - 1] in _OPENING:
+            qa -= 1
+            ca -= 1
+        while qb < b + r and q[qb] in _CLOSING:
+            qb += 1
+        return qa, qb, ca - len(left)
+
+    # -- locations --
+
+    def _source(self) -> _SourceMap | None:
+        if self._source_map is None:
+            self._source_map = False
+            original = self.source.original if self.source else None
+            if original is not None and original.is_file():
+                try:
+                    self._source_map = _SourceMap(original, self.meta.get("kind", "text"))
+                except (OSError, TunesmithError):
+                    self._source_map = False
+        return self._source_map or None
+
+    def _row_of(self, pos: int) -> int:
+        return int(np.searchsorted(self.rows, pos, side="right") - 1)
+
+    def _row_in_source(self, smap: _SourceMap, row: int) -> int:
+        """Where row ``row`` starts in the source's letter stream (-1: not found)."""
+        if row not in self._row_pos:
+            end = self.rows[row + 1] if row + 1 < len(self.rows) else len(self.tokens)
+            needle = _alnum(self._decode(int(self.rows[row]), int(end)).replace(chr(0xFFFD), ""))
+            found = -1
+            if needle:
+                if len(needle) < 64 and row + 1 < len(self.rows):  # a short row ("I.") is found with what follows
+                    nxt_end = self.rows[row + 2] if row + 2 < len(self.rows) else len(self.tokens)
+                    found = smap.stream.find(needle + _alnum(self._decode(int(end), int(nxt_end)))[:64])
+                if found < 0:
+                    found = smap.stream.find(needle)
+            self._row_pos[row] = found
+        return self._row_pos[row]
+
+    def _locate(self, pos: int, offset: int, text: str) -> Location:
+        row = self._row_of(pos)
+        smap = self._source()
+        if smap is not None:
+            start = self._row_in_source(smap, row)
+            if start >= 0:
+                before = self._decode(int(self.rows[row]), pos)
+                if offset < 0:
+                    before = before[:offset] if -offset <= len(before) else ""
+                else:
+                    before += self._decode(pos, pos + _CONTEXT_TOKENS)[:offset]
+                first = start + len(_alnum(before))
+                line = smap.line_at(first)
+                end_line = smap.line_at(first + max(0, len(_alnum(text)) - 1))
+                return Location(line=line, heading=smap.heading_at(line), file=smap.name, end_line=end_line)
+        name = self.source.display if self.source else "corpus"
+        return Location(line=row + 1, heading=None, file=name, end_line=row + 1)
+
+
+def _separator(tokenizer: Any) -> int:
+    """A token id that no text encodes to: the largest uint16 when the vocabulary fits below it."""
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    return int(np.iinfo(np.uint16).max) if vocab < np.iinfo(np.uint16).max else vocab
+
+
+def _same(x: str, y: str) -> bool:
+    return x == y or x.lower() == y.lower()
+
+
+def _read_meta(index_dir: Path) -> dict | None:
+    try:
+        meta = json.loads((index_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not all((index_dir / name).is_file() for name in ("tokens.npy", "sa.npy", "rows.npy")):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def novelty_from_lengths(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
+    """Share of n-grams starting at each position that are not in the corpus (``L[i] < n``)."""
+    m = len(lengths)
+    out = {}
+    for n in ns:
+        if m >= n:
+            out[int(n)] = float(np.mean(np.asarray(lengths[: m - n + 1]) < n))
+    return out
+
+
+def find_copies(source: str | Path, text: str, min_tokens: int = 12) -> CopyReport:
+    """``CopyIndex.open(source).check(text, min_tokens)``."""
+    return CopyIndex.open(source).check(text, min_tokens=min_tokens)
+
+
+# --- showing a report -----------------------------------------------------------------------
+
+
+def marked_pieces(text: str, spans: list[Span]) -> list[tuple[str, bool]]:
+    """``text`` cut into ``(piece, copied)`` pieces; overlapping spans are marked as one."""
+    regions: list[list[int]] = []
+    for span in sorted(spans, key=lambda s: s.start):
+        if regions and span.start <= regions[-1][1]:
+            regions[-1][1] = max(regions[-1][1], span.end)
+        else:
+            regions.append([span.start, span.end])
+    pieces, pos = [], 0
+    for start, end in regions:
+        if start > pos:
+            pieces.append((text[pos:start], False))
+        pieces.append((text[start:end], True))
+        pos = end
+    if pos < len(text):
+        pieces.append((text[pos:], False))
+    return pieces
+
+
+def mark_text(text: str, spans: list[Span], left: str = "[[", right: str = "]]") -> str:
+    """``text`` with every copied region between ``left`` and ``right``."""
+    return "".join(f"{left}{piece}{right}" if copied else piece for piece, copied in marked_pieces(text, spans))
+
+
+def describe_location(where: Location) -> str:
+    lines = f"line {where.line}" if where.end_line in (None, where.line) else f"lines {where.line}-{where.end_line}"
+    text = f"{where.file} {lines}"
+    return f"{text} ({where.heading})" if where.heading else text
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def format_summary(report: CopyReport) -> str:
+    """Two lines: copy rate and longest span, then novelty."""
+    if report.spans:
+        longest = report.longest
+        first = (
+            f"copied: {_percent(report.copy_rate)} of {report.n_tokens:,} tokens in {len(report.spans)} "
+            f"span{'s' if len(report.spans) != 1 else ''} of {report.min_tokens}+ tokens; longest "
+            f"{longest.n_tokens} tokens ({longest.n_words} words)"
+        )
+        if longest.locations:
+            first += ", " + describe_location(longest.locations[0])
+    else:
+        first = f"copied: nothing ({report.n_tokens:,} tokens, no span of {report.min_tokens}+ tokens in the training text)"
+    if report.novelty:
+        novel = "  ".join(f"{n}-grams {_percent(v)}" for n, v in report.novelty.items())
+        return f"{first}\nnovel (not in the training text): {novel}"
+    return first
+
+
+def format_report(report: CopyReport) -> str:
+    """The summary, then every span with its size, count and locations (plain text)."""
+    lines = [format_summary(report)]
+    for number, span in enumerate(report.spans, start=1):
+        times = "once" if span.count == 1 else f"{span.count:,} times"
+        lines.append("")
+        lines.append(f"{number}. {span.n_tokens} tokens, {span.n_words} words, {times} in the training text")
+        for where in span.locations:
+            lines.append(f"   at {describe_location(where)}")
+        lines.append("   " + " ".join(span.text.split()))
+    return "\n".join(lines)
