@@ -15,7 +15,7 @@ from tunesmith import TunesmithError, finetune, load
 from tunesmith.cli import app
 from tunesmith.evaluate import EvalSettings, evaluate_run, extraction, fit, read_data
 from tunesmith.rundir import Run
-from tunesmith.tokens import pack, tokenize_rows
+from tunesmith.tokens import book_joiner, pack, tokenize_rows
 from tunesmith.train import TrainConfig
 
 NOUNS = "lamp door street letter window carriage river garden stranger doctor city night candle road coat".split()
@@ -113,7 +113,9 @@ def test_perplexity_and_bits_per_byte_against_a_plain_forward_pass(tiny_run):
     got = fit(model, data.valid_rows, cfg, data.fmt)
     # Independently: plain logits and torch's cross-entropy over the same packed blocks.
     tok = model.tokenizer
-    blocks = pack(*tokenize_rows(data.valid_rows, tok), cfg.block_size, tok.pad_token_id or tok.eos_token_id)
+    assert data.fmt == "book"  # pieces of one book are joined by a paragraph break, as in training
+    rows = tokenize_rows(data.valid_rows, tok, book_joiner(tok))
+    blocks = pack(*rows, cfg.block_size, tok.pad_token_id or tok.eos_token_id)
     nll, count, text_bytes = 0.0, 0, 0
     with torch.no_grad():
         for ids, mask in zip(blocks.ids, blocks.mask):
