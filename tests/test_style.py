@@ -137,3 +137,15 @@ def test_style_scores_for_10k_words_within_a_second():
     features(text)
     distinct_n([text], 2), distinct_n([text], 3)
     assert time.perf_counter() - start < 1.0
+
+
+def test_fidelity_on_real_prose(corpora):
+    """Holmes stories as the author, Shakespeare as the 'base model': unseen Holmes text scores
+    about 1, more Shakespeare about 0, half and half in between."""
+    holmes = words((corpora / "sherlock.txt").read_text(encoding="utf-8"))
+    bard = words((corpora / "tinyshakespeare.txt").read_text(encoding="utf-8"))
+    train, heldout, base = holmes[:60000], holmes[60000:63000], bard[:5000]
+    index = lambda tuned: style_distance(train, heldout, base, tuned, mfw_sizes=(300,))["mfw"]["300"]["fidelity_index"]["mean"]  # noqa: E731
+    assert 0.75 < index(holmes[70000:75000]) < 1.25
+    assert -0.15 < index(bard[20000:25000]) < 0.15
+    assert 0.15 < index(holmes[80000:82500] + bard[10000:12500]) < 0.65
