@@ -56,7 +56,7 @@ def test_fit_on_sides_and_from_pieces_agree():
     fitted = DeltaModel.fit(sides, n_mfw=10, bag_size=50, bags_per_side=4, seed=7)
     # The same bags, drawn the way fit draws them, through the plain-Python path.
     rng = np.random.default_rng(7)
-    vocab = sorted(set(w for s in sides for w in s))
+    vocab = sorted({w for s in sides for w in s})
     pieces = []
     for side in sides:
         picks = rng.integers(0, len(side), size=(4, 50))
@@ -108,7 +108,7 @@ def _texts(seed=0):
 
 
 def test_fidelity_index_one_for_the_author_zero_for_the_base():
-    train, heldout, base, author_like, draw = _texts()
+    train, heldout, base, author_like, _ = _texts()
     like_author = style_distance(train, heldout, base, author_like, mfw_sizes=(100,), n_boot=300)
     assert like_author["reliable"] and like_author["warning"] is None
     row = like_author["mfw"]["100"]
@@ -145,7 +145,7 @@ def test_fidelity_on_real_prose(corpora):
     holmes = words((corpora / "sherlock.txt").read_text(encoding="utf-8"))
     bard = words((corpora / "tinyshakespeare.txt").read_text(encoding="utf-8"))
     train, heldout, base = holmes[:60000], holmes[60000:63000], bard[:5000]
-    index = lambda tuned: style_distance(train, heldout, base, tuned, mfw_sizes=(300,))["mfw"]["300"]["fidelity_index"]["mean"]  # noqa: E731
+    index = lambda tuned: style_distance(train, heldout, base, tuned, mfw_sizes=(300,))["mfw"]["300"]["fidelity_index"]["mean"]
     assert 0.75 < index(holmes[70000:75000]) < 1.25
     assert -0.15 < index(bard[20000:25000]) < 0.15
     assert 0.15 < index(holmes[80000:82500] + bard[10000:12500]) < 0.65

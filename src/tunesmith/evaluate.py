@@ -179,7 +179,7 @@ def fit(model, rows: list[dict], cfg, fmt: str) -> dict:
         "loss": result["loss"],
         "perplexity": math.exp(result["loss"]),
         "bits_per_byte": nll / (math.log(2) * max(n_bytes, 1)),
-        "tokens": int(len(targets)),
+        "tokens": len(targets),
         "bytes": n_bytes,
     }
 
@@ -247,7 +247,7 @@ def extraction(model, prompts: np.ndarray, truth: np.ndarray, batch: int = 16) -
     same = got == truth
     exact = same.all(axis=1)
     prefix = np.where(same.all(axis=1), truth.shape[1], np.argmin(same, axis=1))
-    return {"windows": int(len(truth)), "exact": int(exact.sum()), "rate": float(exact.mean()),
+    return {"windows": len(truth), "exact": int(exact.sum()), "rate": float(exact.mean()),
             "mean_matching_prefix_tokens": float(prefix.mean())}
 
 
@@ -460,7 +460,7 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str]]:
         rows.append((f"style fidelity index ({n} MFW)", "0 by definition", _ci(fi, 2), "1 by definition"))
     rows += [
         ("sentence length (words)", *(_num(feats[s]["sentence_length"], 1) for s in ("base", "finetuned", "heldout"))),
-        (f"MATTR (window {feats['heldout']['mattr_window']})", *(_num(feats[s]["mattr"], 3) for s in ("base", "finetuned", "heldout"))),
+        (f"MATTR (window {min(feats[s]['mattr_window'] for s in feats)})", *(_num(feats[s]["mattr"], 3) for s in ("base", "finetuned", "heldout"))),
     ]
     for mark in ("comma", "period", "semicolon", "quote", "question", "exclamation"):
         rows.append((f"{mark}s per 1,000 words", *(_num(feats[s]["punctuation_per_1000_words"][mark], 1)

@@ -307,7 +307,7 @@ def features(text: str, window: int = MATTR_WINDOW) -> dict:
         "words": len(ws),
         "sentence_length": float(np.mean(lengths)) if lengths else float("nan"),
         "mattr": mattr(ws, window),
-        "mattr_window": window,
+        "mattr_window": min(window, len(ws)),  # a shorter text gives its plain TTR
         "punctuation_per_1000_words": punctuation_rates(text, len(ws)),
     }
 
