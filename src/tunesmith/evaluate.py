@@ -316,6 +316,9 @@ def evaluate_run(
         say(f"{'base model ' + cfg.base if side == 'base' else 'fine-tuned model'}: loading")
         model = load(source)
         prompts = prompts_from(data.valid_rows, model.tokenizer)
+        if not prompts:
+            raise TunesmithError("no held-out passage gives a prompt of at most 512 tokens",
+                                 file=run.path / "data" / "valid.jsonl")
         say("  held-out loss")
         measured = {"fit": fit(model, data.valid_rows, cfg, data.fmt)}
         say("  free generation")
