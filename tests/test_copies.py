@@ -74,7 +74,7 @@ def test_three_planted_passages_are_found_with_their_lines_and_nothing_else(inde
         assert (where.file, where.line, where.end_line, where.heading) == ("sherlock.txt", line, end_line, heading)
     assert report.longest.text == SWANDAM
     # the copied tokens are the passages' tokens (each follows a space in the checked text)
-    encode = lambda t: index.tokenizer.encode(" ".join(t.split()), add_special_tokens=False).ids  # noqa: E731
+    encode = lambda t: index.tokenizer.encode(" ".join(t.split()), add_special_tokens=False).ids
     copied = sum(len(encode(" " + passage)) for passage, *_ in PLANTED)
     assert report.n_tokens == len(encode(text))
     assert report.copy_rate == pytest.approx(copied / report.n_tokens)
@@ -117,19 +117,32 @@ def test_a_copy_at_the_very_start_of_the_text_keeps_its_first_word(index):
     assert span.text == RED_HEADED and span.start == 0
 
 
+def test_text_in_another_script_is_all_novel(index):
+    report = index.check("東京の古い書店で、彼女は一冊の地図を見つけた。誰もその道を知らなかった。")
+    assert report.spans == [] and report.copy_rate == 0.0
+    assert all(value == 1.0 for n, value in report.novelty.items() if n >= 8)
+
+
 def test_min_tokens_decides_what_counts(index):
     short = "I have seldom heard him mention her"  # 7 words of line 62
     text = f"{OWN[0]} {short} {OWN[1]}"
     assert index.check(text).spans == []
     (span,) = index.check(text, min_tokens=5).spans
     assert span.text == short and span.locations[0].line == 62
+    # a threshold above the 64 tokens searched at once
+    long_text = f"{OWN[0]} {SWANDAM} {OWN[1]}"
+    n = len(index.tokenizer.encode(" " + " ".join(SWANDAM.split()), add_special_tokens=False).ids)
+    assert n > 64
+    assert [s.text for s in index.check(long_text, min_tokens=n).spans] == [SWANDAM]
+    assert index.check(long_text, min_tokens=n + 1).spans == []
 
 
 def test_a_repeated_phrase_is_counted(index):
-    phrase = "I have no doubt that"
-    lo, hi = index.occurrences(np.asarray(index.tokenizer.encode(" " + phrase, add_special_tokens=False).ids))
-    book = " ".join((index.source.original.read_text(encoding="utf-8-sig")).split())
-    assert hi[0] - lo[0] == book.count(" " + phrase + " ") + book.count(" " + phrase + ",")
+    for phrase in ("I have no doubt that", "said Holmes", "Sherlock Holmes"):
+        key = np.asarray(index.tokenizer.encode(" " + phrase, add_special_tokens=False).ids)
+        lo, hi = index.occurrences(key)
+        windows = np.lib.stride_tricks.sliding_window_view(np.asarray(index.tokens), len(key))
+        assert hi[0] - lo[0] == int((windows == key).all(axis=1).sum()) > 1
 
 
 # --- against brute force ------------------------------------------------------------------
@@ -174,7 +187,14 @@ def test_match_lengths_and_novelty_match_brute_force(docs, query):
     tokens = np.asarray([t for doc in docs for t in doc + [sep]], dtype=np.uint16)
     index = CopyIndex(tokens, suffix_array(tokens), np.asarray([0]), None, sep)
     lengths = index.match_lengths(np.asarray(query))
-    assert lengths.tolist() == _brute_lengths(docs, query)
+    brute = _brute_lengths(docs, query)
+    assert lengths.tolist() == brute
+    maximal = [(i, n) for i, n in enumerate(brute) if n >= 1 and (i == 0 or brute[i - 1] != n + 1)]
+    for cap in (1, 2, 3, 5, 64):  # long matches are searched at the cap, then followed one by one
+        capped = index.match_lengths(np.asarray(query), cap=cap)
+        assert capped.tolist() == [min(n, cap) for n in brute]
+        assert index.maximal_matches(np.asarray(query), capped, cap) == maximal
+        assert index.maximal_matches(np.asarray(query), capped, cap, floor=4) == [m for m in maximal if m[1] >= 4]
     novelty = novelty_from_lengths(lengths, (1, 2, 4, 8))
     for n in (1, 2, 4, 8):
         if len(query) >= n:
@@ -238,14 +258,16 @@ def test_index_is_reused_when_reloaded_and_rebuilt_when_the_data_changes(sherloc
     stamp = stored.stat().st_mtime_ns
     again = CopyIndex.open(data)
     assert stored.stat().st_mtime_ns == stamp  # not rebuilt
-    assert isinstance(again.sa, np.memmap)
+    assert isinstance(again.sa.base, np.memmap)  # read from the file, not loaded
     assert again.check(THE_WOMAN).spans[0].locations[0].line == 62
     new = "Quentin the lighthouse keeper counted forty seven gulls on the rusty railing before breakfast."
     rows = (data / "train.jsonl").read_text(encoding="utf-8")
     (data / "train.jsonl").write_text(rows + json.dumps({"text": new}) + "\n", encoding="utf-8")
     assert first.check(new).spans == []
-    rebuilt = CopyIndex.open(data)
+    said = []
+    rebuilt = CopyIndex.open(data, say=said.append)
     assert stored.stat().st_mtime_ns != stamp
+    assert len(said) == 1 and "again (the training data has changed)" in said[0]
     (span,) = rebuilt.check(new).spans
     assert span.text == new
     assert json.loads((data / "copies" / "meta.json").read_text())["tokens"] == len(rebuilt.tokens)
@@ -256,6 +278,19 @@ def test_a_damaged_index_is_rebuilt(sherlock, tmp_path):
     shutil.copytree(sherlock, data)
     (data / "copies" / "sa.npy").write_bytes(b"not an array")
     assert CopyIndex.open(data).check(THE_WOMAN).spans[0].locations[0].line == 62
+
+
+def test_an_index_that_cannot_be_stored_is_kept_in_memory(sherlock, tmp_path, monkeypatch):
+    data = tmp_path / "book.prepared"
+    shutil.copytree(sherlock, data, ignore=shutil.ignore_patterns("copies"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tunesmith.copies.atomic_dir", refuse)
+    index = CopyIndex.open(data)
+    assert not (data / "copies").exists()
+    assert index.check(THE_WOMAN).spans[0].locations[0].line == 62
 
 
 def test_a_run_dir_reads_its_data(sherlock, tmp_path):
@@ -345,12 +380,14 @@ def test_copies_command_prints_spans_and_summary(sherlock, tmp_path):
     sample.write_text(text, encoding="utf-8")
     as_json = _invoke("copies", sherlock, "--file", sample, "--json", "--min-tokens", "20")
     assert as_json.exit_code == 0, as_json.output
-    report = json.loads(as_json.output)
+    report = json.loads(as_json.stdout)
     assert report["min_tokens"] == 20
     (span,) = report["spans"]
     assert span["text"] == THE_WOMAN and span["locations"][0]["line"] == 62
     assert text[span["start"] : span["end"]] == THE_WOMAN
     assert set(report["novelty"]) == {"4", "8", "16", "32"}
+    novel, total = report["ngrams"]["8"]
+    assert report["novelty"]["8"] == pytest.approx(novel / total) and total == report["n_tokens"] - 7
 
 
 @pytest.mark.parametrize(
@@ -413,3 +450,31 @@ def test_generate_check_copying_marks_copied_spans(sherlock, index, tmp_path, mo
     assert "sherlock.txt lines 5205-5209" in result.output
     plain = _invoke("generate", tmp_path / "not-a-run", "Once", "--check-copying")
     assert plain.exit_code != 0 and "needs a run directory" in plain.output
+
+
+def test_records_are_located_by_their_line_in_the_file(tmp_path, real_base_dir, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(real_base_dir.parent, target_is_directory=True)
+    rows = [
+        {"prompt": "Describe the weather.", "completion": " Grey clouds rolled over the hills all morning."},
+        {"prompt": "Describe the market.",
+         "completion": " Stalls of apples, pears and plums stood in long rows beside the church wall."},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    text = "In the square, stalls of apples, pears and plums stood in long rows beside the church wall."
+    (span,) = find_copies(data, text).spans
+    assert span.text == "stalls of apples, pears and plums stood in long rows beside the church wall."
+    assert (span.locations[0].file, span.locations[0].line, span.locations[0].heading) == ("pairs.jsonl", 2, None)
+
+
+def test_headings_are_chapter_lines_not_prose():
+    from tunesmith.copies import _headings
+
+    lines = ["CHAPTER I", "", "It began.", "", "Part of the reason he came was money.", "", "Chapter Twenty-Two", "",
+             "Book I had lent him lay open on the table.", "", "Act civil, he said.", "", "IX. THE ENGINEER'S THUMB",
+             "", "I. A Scandal in Bohemia", "", "II."]
+    assert _headings(lines) == [(1, "CHAPTER I"), (7, "Chapter Twenty-Two"), (13, "IX. THE ENGINEER'S THUMB")]
+    # bare numerals are sections, taken only when there are no chapter headings
+    assert _headings(["I.", "", "Text.", "", "II.", "More text."]) == [(1, "I."), (5, "II.")]

@@ -182,7 +182,8 @@ def generate(
     chat: bool = typer.Option(False, help="wrap the prompt in the chat template as a user message"),
     compare_base: bool = typer.Option(False, "--compare-base", help="also show the base model's continuation"),
     check_copying: bool = typer.Option(
-        False, "--check-copying", help="mark spans copied from the run's training text (printed when done, not streamed)"
+        False, "--check-copying",
+        help="mark spans copied from the run's training text (each sample is printed when done, not streamed)",
     ),
 ) -> None:
     """Write a continuation of PROMPT, streamed as it is written."""
@@ -214,7 +215,7 @@ def _copy_index(model: str):
             "--check-copying needs a run directory: its training text is what copies are looked for in",
             field="--check-copying", hint="give a run dir, or check any text with `tunesmith copies SOURCE TEXT`",
         )
-    return CopyIndex.open(model)
+    return CopyIndex.open(model, say=lambda line: err.print(line, highlight=False, markup=False))
 
 
 def _write_sample(chunks, copy_index) -> None:
@@ -258,7 +259,7 @@ def copies(
     """Find the spans of TEXT that occur word for word in the training text, and where they are."""
     import json
 
-    from .copies import find_copies, format_report
+    from .copies import CopyIndex, format_report
 
     if text is not None and file is not None:
         raise TunesmithError("give the text to check as an argument or with --file, not both", field="--file")
@@ -269,7 +270,10 @@ def copies(
         from .tokens import read_text_file
 
         text = read_text_file(file)
-    report = find_copies(source, text, min_tokens=min_tokens)
+    if not text.strip():
+        raise TunesmithError("the text to check is empty", file=file)
+    index = CopyIndex.open(source, say=lambda line: err.print(line, highlight=False, markup=False))
+    report = index.check(text, min_tokens=min_tokens)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     else:

@@ -32,22 +32,26 @@ import bisect
 import hashlib
 import json
 import re
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from .atomic import atomic_dir
 from .errors import TunesmithError
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 INDEX_DIR = "copies"
 NOVELTY_NS = (4, 8, 16, 32)
 MAX_LOCATIONS = 3
 _OCCURRENCES_CHECKED = 32  # occurrences of a span compared character by character (the rest are counted)
 _CONTEXT_TOKENS = 24  # tokens decoded on each side of a match to widen it over case differences
-_WINDOW = 16  # tokens compared at a time in the binary search
+_WINDOW = 8  # tokens compared at first in each binary search step (then 4x as many, and so on)
+_CAP = 64  # match lengths are searched up to this many tokens at once (>= the longest n of novelty)
+_MAX_CELLS = 1 << 22  # most tokens compared at once (keys x window), to bound memory
 _BATCH_ROWS = 2048
 
 _WORD_JOINERS = "'\u2019-"
@@ -58,8 +62,14 @@ _NON_SPACE = re.compile(r"\S+")
 # A chapter heading: a keyword and a number ("CHAPTER IV", "ADVENTURE I. A SCANDAL IN BOHEMIA"),
 # or a Roman numeral and a title in capitals ("IX. THE ADVENTURE OF THE ENGINEER'S THUMB").
 # A bare numeral ("II.") is a section, used only in a book without chapter headings.
+_NUMBER_WORD = (
+    r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen"
+    r"|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|first|second|third|fourth|fifth|sixth|seventh"
+    r"|eighth|ninth|tenth|last)"
+)
 _CHAPTER = re.compile(
-    r"^(?:chapter|book|part|adventure|volume|stave|canto|act|letter|section)\s+(?:[ivxlcdm]+|\d+|[a-z]+)\b.*$",
+    r"^(?:chapter|book|part|adventure|volume|stave|canto|act|letter|section)\s+"
+    r"(?:(?-i:[IVXLCDM]+)|\d+|" + _NUMBER_WORD + r"(?:-\w+)?)\b.*$",
     re.IGNORECASE,
 )
 _NUMBERED_TITLE = re.compile(r"^(?:[IVXLCDM]+|\d+)\.\s+[^a-z]*[A-Z][^a-z]*$")
@@ -99,6 +109,8 @@ class CopyReport:
     novelty: dict[int, float]  # n -> share of the text's n-grams not in the corpus (n longer than the text: left out)
     n_tokens: int
     min_tokens: int = 12
+    # n -> (novel n-grams, all n-grams): to pool novelty over several texts, add these up
+    ngrams: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -107,6 +119,7 @@ class CopyReport:
             "copy_rate": self.copy_rate,
             "longest": asdict(self.longest) if self.longest else None,
             "novelty": {str(n): v for n, v in self.novelty.items()},
+            "ngrams": {str(n): list(v) for n, v in self.ngrams.items()},
             "spans": [asdict(s) for s in self.spans],
         }
 
@@ -200,7 +213,6 @@ class _SourceMap:
             pieces.append(piece)
             pos += len(piece)
         self.stream = "".join(pieces)
-        self._rows: dict[int, int] = {}
 
     def line_at(self, pos: int) -> int:
         return self.mark_line[max(0, bisect.bisect_right(self.mark_pos, pos) - 1)]
@@ -217,7 +229,8 @@ def _headings(lines: list[str]) -> list[tuple[int, str]]:
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if text and not previous and len(text) <= 70:
-            if (_CHAPTER.match(text) or _NUMBERED_TITLE.match(text)) and not text.endswith((",", ";")):
+            if (_NUMBERED_TITLE.match(text) or (_CHAPTER.match(text) and (text.isupper() or len(text.split()) <= 6))) \
+                    and not text.endswith((",", ";", ":")):
                 chapters.append((number, text))
             elif _SECTION.match(text):
                 sections.append((number, text))
@@ -250,7 +263,9 @@ class _Source:
 def _resolve(source: str | Path) -> _Source:
     path = Path(source)
     if not path.exists():
-        raise TunesmithError("no such file or directory", file=path, hint="give a run dir, a prepared dir or a text file")
+        raise TunesmithError(
+            "no such file or directory", file=path, hint="give a run dir, a prepared dir or a text file"
+        )
     if path.is_dir():
         if (path / "data").is_dir() or _is_run(path):
             data = path / "data"
@@ -435,9 +450,11 @@ class CopyIndex:
     """A suffix-array index of a training corpus; ``check`` finds copied spans in a text."""
 
     def __init__(self, tokens: np.ndarray, sa: np.ndarray, rows: np.ndarray, tokenizer: Any, sep: int,
-                 source: _Source | None = None, meta: dict | None = None) -> None:
-        self.tokens = tokens
-        self.sa = sa
+                 source: _Source | None = None, meta: dict | None = None, buckets: np.ndarray | None = None) -> None:
+        # plain ndarray views of the memory maps: indexing a np.memmap costs a Python call each time
+        self.tokens = np.asarray(tokens)
+        self.sa = np.asarray(sa)
+        self.buckets = first_token_buckets(self.tokens, sep) if buckets is None else np.asarray(buckets)
         self.rows = rows
         self.tokenizer = tokenizer
         self.sep = sep
@@ -449,9 +466,10 @@ class CopyIndex:
     # -- opening and building --
 
     @classmethod
-    def open(cls, source: str | Path, rebuild: bool = False) -> "CopyIndex":
+    def open(cls, source: str | Path, rebuild: bool = False, say: Callable[[str], None] | None = None) -> CopyIndex:
         """The index of a run dir (its ``data/train.jsonl``), a prepared dir or any file ``prepare``
-        accepts: built on first use, and again whenever the data or the tokenizer has changed."""
+        accepts: built on first use, and again whenever the data or the tokenizer has changed.
+        ``say`` (optional) is told when the index is being built, which can take a while."""
         src = _resolve(source)
         tokenizer = _load_tokenizer(src.tokenizer_file)
         want = {
@@ -460,42 +478,60 @@ class CopyIndex:
             "tokenizer_hash": _hash_file(src.tokenizer_file),
         }
         meta = None if rebuild else _read_meta(src.index_dir)
-        if meta is None or any(meta.get(k) != v for k, v in want.items()):
-            meta = cls._build(src, tokenizer, want)
         for attempt in (1, 2):
+            if meta is None or any(meta.get(k) != v for k, v in want.items()):
+                if say is not None:
+                    stale = "" if meta is None else " again (the training data has changed)"
+                    say(f"building the copy index of {src.data}{stale} ...")
+                meta, built = cls._build(src, tokenizer, want)
+                if built is not None:  # the directory is not writable: keep the index in memory
+                    return cls(*built, tokenizer, int(meta["separator"]), src, meta)
             try:
                 tokens = np.load(src.index_dir / "tokens.npy", mmap_mode="r")
                 sa = np.load(src.index_dir / "sa.npy", mmap_mode="r")
                 rows = np.load(src.index_dir / "rows.npy")
+                buckets = np.load(src.index_dir / "buckets.npy")
                 if len(tokens) == len(sa) == meta.get("tokens"):
-                    return cls(tokens, sa, rows, tokenizer, int(meta["separator"]), src, meta)
+                    return cls(tokens, sa, rows, tokenizer, int(meta["separator"]), src, meta, buckets)
             except (OSError, ValueError):
                 pass
-            if attempt == 1:  # damaged files (a disk filled up, a file edited by hand): build again
-                meta = cls._build(src, tokenizer, want)
+            meta = None  # damaged files (a disk that filled up, a file edited by hand): build again
         raise TunesmithError("the copy index cannot be read back after building it", file=src.index_dir)
 
     @staticmethod
-    def _build(src: _Source, tokenizer: Any, want: dict) -> dict:
+    def _build(src: _Source, tokenizer: Any, want: dict) -> tuple[dict, tuple | None]:
+        """Build and store the index; returns its meta, and the arrays when they could not be stored."""
         sep = _separator(tokenizer)
+        started, cpu_started = time.perf_counter(), time.process_time()
         tokens, rows = tokenize_corpus(_rows(src), tokenizer, joined=src.kind == "book", sep=sep)
         if len(tokens) == 0:
             raise TunesmithError("the training data has no text to compare with", file=src.data)
+        tokenized, cpu_tokenized = time.perf_counter(), time.process_time()
         sa = suffix_array(tokens)
-        meta = {**want, "separator": sep, "tokens": int(len(tokens)), "rows": int(len(rows)), "kind": src.kind,
+        sorted_at, cpu_sorted = time.perf_counter(), time.process_time()
+        buckets = first_token_buckets(tokens, sep)
+        meta = {**want, "separator": sep, "tokens": len(tokens), "rows": len(rows), "kind": src.kind,
                 "source": str(src.original) if src.original else None}
         try:
             with atomic_dir(src.index_dir, overwrite=True) as tmp:
                 np.save(tmp / "tokens.npy", tokens)
                 np.save(tmp / "sa.npy", sa)
                 np.save(tmp / "rows.npy", rows)
+                np.save(tmp / "buckets.npy", buckets)
+                meta["build_seconds"] = {  # wall clock, and CPU time of all threads
+                    "tokenize": round(tokenized - started, 3),
+                    "tokenize_cpu": round(cpu_tokenized - cpu_started, 3),
+                    "suffix_array": round(sorted_at - tokenized, 3),
+                    "suffix_array_cpu": round(cpu_sorted - cpu_tokenized, 3),
+                    "write": round(time.perf_counter() - sorted_at, 3),
+                }
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise TunesmithError(f"cannot write the copy index: {exc.strerror or exc}", file=src.index_dir) from None
-        return meta
+        except OSError:
+            return meta, (tokens, sa, rows)
+        return meta, None
 
     @classmethod
-    def from_texts(cls, texts: list[str], tokenizer: Any, joined: bool = False) -> "CopyIndex":
+    def from_texts(cls, texts: list[str], tokenizer: Any, joined: bool = False) -> CopyIndex:
         """An in-memory index of some texts (no files, no source lines)."""
         sep = _separator(tokenizer)
         tokens, rows = tokenize_corpus(texts, tokenizer, joined=joined, sep=sep)
@@ -509,7 +545,7 @@ class CopyIndex:
             raise TunesmithError(f"min tokens must be a positive whole number, not {min_tokens!r}", field="min_tokens")
         query = self._query(text)
         m = len(query.ids)
-        lengths = self.match_lengths(query.ids)
+        lengths = self.match_lengths(query.ids, cap=_CAP)
         spans = self._spans(query, lengths, min_tokens)
         covered = np.zeros(m, dtype=bool)
         for span, (t0, t1) in spans:
@@ -522,12 +558,14 @@ class CopyIndex:
             novelty=novelty_from_lengths(lengths, NOVELTY_NS),
             n_tokens=m,
             min_tokens=min_tokens,
+            ngrams=ngram_counts(lengths, NOVELTY_NS),
         )
 
     def novelty(self, text: str, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
         """For each n, the share of the text's n-token n-grams that never occur in the corpus."""
         query = self._query(text)
-        return novelty_from_lengths(self.match_lengths(query.ids), ns)
+        ns = list(ns)
+        return novelty_from_lengths(self.match_lengths(query.ids, cap=max(ns, default=1)), ns)
 
     def _query(self, text: str) -> _Query:
         if not isinstance(text, str) or not text.strip():
@@ -545,8 +583,9 @@ class CopyIndex:
         lcp = skip.astype(np.int64)
         order = np.zeros(len(pos), dtype=np.int64)
         todo = np.arange(len(pos))
-        cols = np.arange(_WINDOW)[None, :]
+        width = _WINDOW
         while len(todo):
+            cols = np.arange(width)[None, :]
             off = lcp[todo, None] + cols
             cidx = pos[todo, None] + off
             corpus = self.tokens[np.minimum(cidx, n - 1)].astype(np.int64)
@@ -563,8 +602,10 @@ class CopyIndex:
             finished = todo[done]
             lcp[finished] += first[done]
             order[finished] = np.where(ended[done], 0, sign[done])
-            lcp[todo[~done]] += _WINDOW
+            lcp[todo[~done]] += width
             todo = todo[~done]
+            # a long match: look further ahead at once, within a bounded amount of memory
+            width = max(_WINDOW, min(width * 4, _MAX_CELLS // max(1, len(todo))))
         return lcp, order
 
     def _search(self, q: np.ndarray, qstart: np.ndarray, klen: np.ndarray,
@@ -573,11 +614,12 @@ class CopyIndex:
         common-prefix shortcut). Returns ``lo``, the first index whose suffix is >= the key
         (``upper``: > the key), and the common prefix lengths of the key with the suffixes at
         ``lo - 1`` and ``lo``."""
-        n, k = len(self.sa), len(qstart)
-        lo = np.zeros(k, dtype=np.int64)
-        hi = np.full(k, n, dtype=np.int64)
-        lcp_lo = np.zeros(k, dtype=np.int64)
-        lcp_hi = np.zeros(k, dtype=np.int64)
+        # start inside the range of suffixes that begin with the key's first token
+        first = q[qstart]
+        lo = self.buckets[first].astype(np.int64)
+        hi = self.buckets[first + 1].astype(np.int64)
+        lcp_lo = np.where((hi > lo) & (klen > 0), 1, 0).astype(np.int64)
+        lcp_hi = lcp_lo.copy()
         while True:
             act = np.nonzero(lo < hi)[0]
             if not len(act):
@@ -591,16 +633,78 @@ class CopyIndex:
             hi[act] = np.where(right, hi[act], mid)
             lcp_hi[act] = np.where(right, lcp_hi[act], lcp)
 
-    def match_lengths(self, ids: np.ndarray) -> np.ndarray:
-        """``L[i]``: the length of the longest prefix of ``ids[i:]`` that occurs in the corpus
-        (the longest common prefix with either neighbour of its place in the suffix array)."""
+    def match_lengths(self, ids: np.ndarray, cap: int | None = None) -> np.ndarray:
+        """``L[i]``: the length of the longest prefix of ``ids[i:]`` that occurs in the corpus (the
+        longest common prefix with either neighbour of its place in the suffix array), or ``cap``
+        when it is at least that long."""
         q = np.asarray(ids, dtype=np.int64)
         m = len(q)
         if m == 0 or len(self.sa) == 0:
             return np.zeros(m, dtype=np.int64)
         starts = np.arange(m, dtype=np.int64)
-        _, lcp_lo, lcp_hi = self._search(q, starts, m - starts)
+        klen = m - starts if cap is None else np.minimum(m - starts, cap)
+        _, lcp_lo, lcp_hi = self._search(q, starts, klen)
         return np.maximum(lcp_lo, lcp_hi)
+
+    def _longest(self, q: np.ndarray, i: int) -> int:
+        """The exact ``L[i]``."""
+        _, lcp_lo, lcp_hi = self._search(q, np.asarray([i]), np.asarray([len(q) - i]))
+        return int(max(lcp_lo[0], lcp_hi[0]))
+
+    def _occurs(self, q: np.ndarray, i: int, length: int) -> bool:
+        """Whether ``q[i : i + length]`` occurs in the corpus."""
+        _, _, lcp_hi = self._search(q, np.asarray([i]), np.asarray([length]))
+        return bool(lcp_hi[0] >= length)
+
+    def maximal_matches(self, ids: np.ndarray, capped: np.ndarray, cap: int, floor: int = 1) -> list[tuple[int, int]]:
+        """``(i, L[i])`` for every maximal match of at least ``floor`` tokens: a match that is not
+        the tail of the one before (``L[i - 1] != L[i] + 1``). ``capped`` is ``match_lengths(ids, cap)``.
+
+        Below ``cap`` the capped lengths are exact. A run of positions at the cap is one long match
+        at its first position, whose exact length (end ``e``) is searched for; the next maximal
+        match inside the run is the first ``j`` where ``ids[j : e + 1]`` occurs, which only gets
+        more likely as ``j`` grows, so it is found by bisection, and for ``j`` within ``cap`` of
+        ``e`` straight from the capped lengths. This keeps a long copied text from costing a
+        search of its full length at every position."""
+        q = np.asarray(ids, dtype=np.int64)
+        m = len(q)
+        lc = np.asarray(capped, dtype=np.int64)
+        previous = np.concatenate([[-1], lc[:-1]])
+        out = [(int(i), int(lc[i])) for i in np.nonzero((lc >= floor) & (lc < cap) & (previous != lc + 1))[0]]
+        at_cap = lc >= cap
+        i = 0
+        while i < m:
+            if not at_cap[i] or (i > 0 and at_cap[i - 1]):
+                i += 1
+                continue
+            last = i  # the run of capped positions is [i, last]
+            while last + 1 < m and at_cap[last + 1]:
+                last += 1
+            start = i
+            while True:
+                length = self._longest(q, start)
+                out.append((start, length))
+                end = start + length  # positions start+1 .. end-1 hold the tail of this match
+                top = min(last, end)
+                if end >= m or top <= start:
+                    break
+
+                def extends(j: int, end: int = end) -> bool:  # does q[j : end + 1] occur?
+                    need = end + 1 - j
+                    return bool(lc[j] >= need) if need <= cap else self._occurs(q, j, need)
+
+                if not extends(top):
+                    break
+                lo, hi = start + 1, top  # the first j in [lo, hi] that extends; hi does
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if extends(mid):
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                start = lo
+            i = last + 1
+        return sorted(match for match in out if match[1] >= floor)
 
     def occurrences(self, ids: np.ndarray, starts: np.ndarray | None = None,
                     lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -615,15 +719,13 @@ class CopyIndex:
 
     # -- spans --
 
-    def _spans(self, query: _Query, lengths: np.ndarray, min_tokens: int) -> list[tuple[Span, tuple[int, int]]]:
-        m = len(lengths)
+    def _spans(self, query: _Query, capped: np.ndarray, min_tokens: int) -> list[tuple[Span, tuple[int, int]]]:
         floor = max(1, min_tokens - 2)  # a few tokens short may still reach min_tokens once widened
-        previous = np.concatenate([[-1], lengths[:-1]])
-        starts = np.nonzero((lengths >= floor) & (previous != lengths + 1))[0].tolist()
+        matches = self.maximal_matches(query.ids, capped, _CAP, floor)
         found: list[tuple[int, int, int, list[tuple[int, int]]]] = []  # (a, b, count, [(pos, offset)])
-        los, his = self.occurrences(query.ids, np.asarray(starts, dtype=np.int64), lengths[starts])
-        for i, lo, hi in zip(starts, los.tolist(), his.tolist()):
-            length = int(lengths[i])
+        starts = np.asarray([i for i, _ in matches], dtype=np.int64)
+        los, his = self.occurrences(query.ids, starts, np.asarray([n for _, n in matches], dtype=np.int64))
+        for (i, length), lo, hi in zip(matches, los.tolist(), his.tolist()):
             if hi <= lo:
                 continue
             checked = np.sort(np.asarray(self.sa[lo : min(hi, lo + _OCCURRENCES_CHECKED)], dtype=np.int64))
@@ -761,11 +863,20 @@ class CopyIndex:
                 else:
                     before += self._decode(pos, pos + _CONTEXT_TOKENS)[:offset]
                 first = start + len(_alnum(before))
+            else:  # the example is not in the file as it is (a chat template around it): find the words
+                first = smap.stream.find(_alnum(text))
+            if first >= 0:
                 line = smap.line_at(first)
                 end_line = smap.line_at(first + max(0, len(_alnum(text)) - 1))
                 return Location(line=line, heading=smap.heading_at(line), file=smap.name, end_line=end_line)
         name = self.source.display if self.source else "corpus"
         return Location(line=row + 1, heading=None, file=name, end_line=row + 1)
+
+
+def first_token_buckets(tokens: np.ndarray, sep: int) -> np.ndarray:
+    """``b[t]:b[t + 1]`` is the suffix-array range of the suffixes that start with token ``t``."""
+    counts = np.bincount(np.asarray(tokens), minlength=sep + 1)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def _separator(tokenizer: Any) -> int:
@@ -783,19 +894,20 @@ def _read_meta(index_dir: Path) -> dict | None:
         meta = json.loads((index_dir / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not all((index_dir / name).is_file() for name in ("tokens.npy", "sa.npy", "rows.npy")):
+    if not all((index_dir / name).is_file() for name in ("tokens.npy", "sa.npy", "rows.npy", "buckets.npy")):
         return None
     return meta if isinstance(meta, dict) else None
 
 
-def novelty_from_lengths(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
-    """Share of n-grams starting at each position that are not in the corpus (``L[i] < n``)."""
+def ngram_counts(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) -> dict[int, tuple[int, int]]:
+    """For each n: how many of the text's n-grams are not in the corpus (``L[i] < n``), and how many there are."""
     m = len(lengths)
-    out = {}
-    for n in ns:
-        if m >= n:
-            out[int(n)] = float(np.mean(np.asarray(lengths[: m - n + 1]) < n))
-    return out
+    return {int(n): (int(np.sum(np.asarray(lengths[: m - n + 1]) < n)), m - n + 1) for n in ns if m >= n}
+
+
+def novelty_from_lengths(lengths: np.ndarray, ns: Iterable[int] = NOVELTY_NS) -> dict[int, float]:
+    """Share of the text's n-grams that are not in the corpus; an n longer than the text is left out."""
+    return {n: novel / total for n, (novel, total) in ngram_counts(lengths, ns).items()}
 
 
 def find_copies(source: str | Path, text: str, min_tokens: int = 12) -> CopyReport:
@@ -852,7 +964,10 @@ def format_summary(report: CopyReport) -> str:
         if longest.locations:
             first += ", " + describe_location(longest.locations[0])
     else:
-        first = f"copied: nothing ({report.n_tokens:,} tokens, no span of {report.min_tokens}+ tokens in the training text)"
+        first = (
+            f"copied: nothing ({report.n_tokens:,} tokens, "
+            f"no span of {report.min_tokens}+ tokens in the training text)"
+        )
     if report.novelty:
         novel = "  ".join(f"{n}-grams {_percent(v)}" for n, v in report.novelty.items())
         return f"{first}\nnovel (not in the training text): {novel}"

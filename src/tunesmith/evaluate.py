@@ -252,17 +252,16 @@ def extraction(model, prompts: np.ndarray, truth: np.ndarray, batch: int = 16) -
 
 
 def copying(index, texts: list[str], min_tokens: int) -> dict:
-    """Copy rate, longest span and novelty over texts, pooled: rates weighted by tokens,
-    novelty by each text's number of n-grams."""
+    """Copy rate, longest span and novelty over texts, pooled: copied tokens over all tokens,
+    novel n-grams over all n-grams."""
     reports = [index.check(t, min_tokens) for t in texts if t.strip()]
     tokens = sum(r.n_tokens for r in reports)
     copied = sum(r.copy_rate * r.n_tokens for r in reports)
     novelty = {}
     for n in NOVELTY_NS:
-        weights = [max(r.n_tokens - n + 1, 0) for r in reports]
-        values = [r.novelty.get(n, 0.0) for r in reports]
-        total = sum(weights)
-        novelty[str(n)] = sum(w * v for w, v in zip(weights, values)) / total if total else float("nan")
+        novel = sum(r.ngrams.get(n, (0, 0))[0] for r in reports)
+        total = sum(r.ngrams.get(n, (0, 0))[1] for r in reports)
+        novelty[str(n)] = novel / total if total else float("nan")
     spans = sorted((s for r in reports for s in r.spans), key=lambda s: -s.n_tokens)
     return {
         "texts": len(reports),
@@ -307,8 +306,7 @@ def evaluate_run(
         raise TunesmithError("this run has no weights yet (it stopped before its first checkpoint)", file=run.path)
     data = read_data(run)
     cfg = _train_config(run)
-    say("indexing the training text for the copy finder")
-    index = CopyIndex.open(run.path)
+    index = CopyIndex.open(run.path, say=say)
     heldout_copying = copying(index, [data.heldout_text], settings.min_tokens)
 
     sides: dict[str, dict] = {}
