@@ -240,7 +240,7 @@ def test_counts_agree_with_their_nouns(tmp_path, tiny_model_dir):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = invoke("prepare", data, "--base", "tiny-llama", "--no-estimate", "--valid-fraction", "0.25")
     assert result.exit_code == 0, result.output
-    assert "removed 1 exact duplicate example\n" in result.output
+    assert "removed 1 duplicate example (same text up to whitespace)" in result.output
     assert "1 example held out" in result.output
     assert "1 examples" not in result.output
     tokens = invoke("tokenize", "a").output
