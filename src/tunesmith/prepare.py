@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_dir, write_json, write_jsonl
+from .config import TrainConfig, in_bounds, spec
 from .corpus import FIELDS, Corpus, read_records
 from .errors import TunesmithError
-from .models import DEFAULT_BASE
 from .wording import counted
 
-MIN_BLOCK_SIZE = 16
+MIN_BLOCK_SIZE = spec(TrainConfig, "block_size")["min"]
 RECOMMENDED_EXAMPLES = 100
 RECOMMENDED_BOOK_TOKENS = 20_000
 # The fields of the rows written to train.jsonl / valid.jsonl, per source format.
@@ -60,14 +60,14 @@ def prepare(
     path: str | Path,
     *,
     out: str | Path | None = None,
-    base: str | os.PathLike = DEFAULT_BASE,
+    base: str | os.PathLike = TrainConfig.base,
     tokenizer: Any = None,
-    block_size: int = 512,
+    block_size: int = TrainConfig.block_size,
     fraction: float = 1.0,
     max_tokens: int | None = None,
-    valid_fraction: float = 0.05,
+    valid_fraction: float = TrainConfig.valid_fraction,
     dedupe: bool = True,
-    seed: int = 0,
+    seed: int = TrainConfig.seed,
     overwrite: bool = False,
     estimate: bool = True,
 ) -> Prepared:
@@ -229,9 +229,11 @@ def _check_settings(block_size: Any, fraction: Any, max_tokens: Any, valid_fract
         )
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise TunesmithError(f"max tokens must be a positive whole number, not {max_tokens!r}", field="max_tokens")
-    if not _number(valid_fraction) or not 0 <= valid_fraction <= 0.5:
+    valid = spec(TrainConfig, "valid_fraction")
+    if not _number(valid_fraction) or not in_bounds(valid, valid_fraction):
         raise TunesmithError(
-            f"validation fraction must be between 0 and 0.5, not {valid_fraction!r}", field="valid_fraction"
+            f"validation fraction must be between {valid['min']} and {valid['max']}, not {valid_fraction!r}",
+            field="valid_fraction",
         )
 
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,81 +26,9 @@ import numpy as np
 
 from . import __version__
 from .atomic import append_jsonl, atomic_dir, write_json, write_text
+from .config import MICRO_BATCH_TOKENS, TrainConfig, micro_batch_size  # noqa: F401 (re-exported)
 from .errors import TunesmithError
-from .models import DEFAULT_BASE
 from .rundir import RUN_FORMAT, Run
-
-# Tokens per forward/backward. On a CPU this bounds activation memory (~0.7 GB per 512 tokens)
-# at no cost in speed; on a GPU bigger is faster.
-MICRO_BATCH_TOKENS = {"cpu": 1024, "cuda": 65536, "mps": 8192}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides what a run computes. Saved as the run's config.json."""
-
-    base: str = DEFAULT_BASE
-    method: str = "lora"  # lora | full
-    epochs: int = 4
-    lr: float | None = None  # None: 1e-3 for LoRA, 5e-5 for full
-    batch_size: int = 8
-    micro_batch_size: int | None = None  # None: MICRO_BATCH_TOKENS // block_size
-    block_size: int = 512
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    max_steps: int | None = None
-    seed: int = 0
-    valid_fraction: float = 0.05
-    dtype: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    compile: str = "auto"  # auto | on | off: torch.compile the decoder layers (auto: long CPU runs)
-    save_every: int | None = None  # optimizer steps between checkpoints (besides each epoch end)
-    keep_checkpoints: int = 2  # the newest checkpoints kept (best/ is kept besides them)
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_tokens: int = 60
-
-    def check(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise TunesmithError("must be 'lora' or 'full'", field="method")
-        for name in ("epochs", "batch_size", "block_size", "lora_r"):
-            if getattr(self, name) < 1:
-                raise TunesmithError("must be at least 1", field=name)
-        if self.block_size > 8192:
-            raise TunesmithError("must be at most 8192", field="block_size")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise TunesmithError("must be between 0 and 1", field="lr")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise TunesmithError("must be at least 1", field="max_steps")
-        if self.save_every is not None and self.save_every < 1:
-            raise TunesmithError("must be at least 1", field="save_every")
-        if not 0 <= self.seed < 2**32:
-            raise TunesmithError("must be between 0 and 2**32 - 1", field="seed")
-        if not 0 <= self.valid_fraction <= 0.5:
-            raise TunesmithError("must be between 0 and 0.5", field="valid_fraction")
-        if self.compile not in ("auto", "on", "off"):
-            raise TunesmithError("must be auto, on or off", field="compile")
-        if self.keep_checkpoints < 1:
-            raise TunesmithError("must be at least 1", field="keep_checkpoints")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 5e-5)
-
-    @property
-    def micro_batch(self) -> int:
-        return micro_batch_size(self, "cpu")
-
-
-def micro_batch_size(cfg: TrainConfig, device) -> int:
-    """Blocks per forward/backward: small on a CPU (memory), the whole batch on a GPU (throughput)."""
-    budget = MICRO_BATCH_TOKENS.get(getattr(device, "type", str(device)).split(":")[0], MICRO_BATCH_TOKENS["cpu"])
-    micro = cfg.micro_batch_size or max(1, budget // cfg.block_size)
-    return max(1, min(micro, cfg.batch_size))
-
 
 # ----------------------------------------------------------------------------------------
 # Pieces the loop (and the time estimate) use
@@ -359,6 +287,13 @@ def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_o
     )
 
 
+def _with_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
+    unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise TunesmithError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    return replace(config, **overrides)
+
+
 def default_out(data: str | Path) -> Path:
     stem = Path(data).name.split(".")[0] or "run"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -366,6 +301,7 @@ def default_out(data: str | Path) -> Path:
 
 def finetune(
     data: str | Path,
+    config: TrainConfig | None = None,
     *,
     validation: str | Path | None = None,
     out: str | Path | None = None,
@@ -374,19 +310,17 @@ def finetune(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     samples: bool = True,
-    **options,
+    **overrides,
 ) -> Run:
-    """Fine-tune ``options['base']`` on ``data`` (a prepared dir or a raw file) into run dir ``out``.
+    """Fine-tune ``config.base`` on ``data`` (a prepared dir or a raw file) into run dir ``out``.
 
+    ``config`` (default: ``TrainConfig()``) holds every setting; ``overrides`` are TrainConfig
+    fields set on top of it, a shorthand for scripts: ``finetune(data, epochs=2)``.
     ``validation`` (optional, a prepared dir or raw file) replaces the held-out share of ``data``.
-    ``options`` are TrainConfig fields (epochs, lr, batch_size, block_size, method, seed, ...).
-    ``on_event`` receives progress events; ``should_stop()`` is polled each step for a clean stop.
-    Ctrl-C saves a checkpoint, marks the run interrupted and re-raises KeyboardInterrupt.
+    ``on_event`` receives each ``TrainEvent`` (events.py); ``should_stop()`` is polled each step for a
+    clean stop. Ctrl-C saves a checkpoint, marks the run interrupted and re-raises KeyboardInterrupt.
     """
-    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise TunesmithError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(**options)
+    cfg = _with_overrides(config or TrainConfig(), overrides)
     cfg.check()
     from .device import pick_device, pick_dtype
     from .rundir import check_out_dir

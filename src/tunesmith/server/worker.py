@@ -22,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..config import TrainConfig
 from .lifeline import watch_parent
 from .store import Store, fine_tuned_model_id, mark_run_failed, restart_hint, resume_step
 
@@ -36,8 +37,6 @@ def _learning_rate(multiplier: float | None, method: str = "lora") -> float | No
     """``learning_rate_multiplier`` scales tunesmith's default learning rate for the method."""
     if multiplier is None or float(multiplier) == 1.0:
         return None
-    from ..train import TrainConfig
-
     return float(TrainConfig(method=method).learning_rate) * float(multiplier)
 
 
@@ -149,21 +148,24 @@ class JobRunner:
                 run = train.resume(job["run_dir"], on_event=self.on_event, should_stop=self.should_stop,
                                    progress=False, samples=bool(hp.get("samples", False)))
             else:
-                run = train.finetune(
-                    file["path"],
-                    validation=validation,
+                config = TrainConfig(
                     base=job["model"],
-                    out=job["run_dir"],
                     epochs=int(hp["n_epochs"]),
                     lr=_learning_rate(hp.get("learning_rate_multiplier", 1.0)),
                     batch_size=int(hp["batch_size"]),
                     seed=int(job["seed"]),
+                    **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
+                )
+                run = train.finetune(
+                    file["path"],
+                    config,
+                    validation=validation,
+                    out=job["run_dir"],
                     overwrite=True,
                     on_event=self.on_event,
                     should_stop=self.should_stop,
                     progress=False,
                     samples=bool(hp.get("samples", False)),
-                    **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
                 )
         except TunesmithError as err:
             return self._fail("invalid_training_file" if err.file or err.line else "training_error",
