@@ -114,8 +114,14 @@ def child_train_hf(spec: dict) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from tunesmith.models import resolve
 

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config import SamplingConfig, TrainConfig, spec
-from .errors import TunesmithError
-from .errors import reported as user_errors
+from .errors import TunesmithError, user_errors
+from .events import TrainEvent
 
 app = typer.Typer(
     help="Fine-tune a small language model on a text you love, then write in its style.",
@@ -173,11 +173,12 @@ def train(
         return
     from .train import finetune
 
-    def on_event(event: dict) -> None:
-        if event["type"] == "info":
-            out.print(f"[dim]{event['message']}[/]")
-        elif event["type"] == "validation" and event["step"] == 0:
-            out.print(f"base model: validation loss {event['validation_loss']:.3f}, perplexity {event['perplexity']:.2f}")
+    def on_event(event: TrainEvent) -> None:
+        if event.type == "info":
+            out.print(f"[dim]{event.message}[/]")
+        elif event.type == "validation" and event.step == 0:
+            out.print(f"base model: validation loss {event.metrics['validation_loss']:.3f}, "
+                      f"perplexity {event.metrics['validation_perplexity']:.2f}")
 
     seen: dict = {}
     try:
@@ -190,9 +191,9 @@ def train(
 
 def _train_events(on_event, seen: dict):
     """Pass training events on, remembering the run directory."""
-    def handle(event: dict) -> None:
-        if event.get("path") and event["type"] == "done":
-            seen["path"] = event["path"]
+    def handle(event: TrainEvent) -> None:
+        if event.path and event.type == "done":
+            seen["path"] = event.path
         on_event(event)
     return handle
 
@@ -225,9 +226,9 @@ def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool
         if field in options and ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
             given[field] = options[field]
 
-    def on_event(event: dict) -> None:
-        if event["type"] == "info":
-            out.print(f"[dim]{event['message']}[/]")
+    def on_event(event: TrainEvent) -> None:
+        if event.type == "info":
+            out.print(f"[dim]{event.message}[/]")
 
     try:
         result = resume_api(run, on_event=on_event, **given)
@@ -392,10 +393,8 @@ def demo(
 
 
 def _mount_server() -> None:
-    try:
-        from .server.commands import jobs_app, serve_command
-    except ImportError:  # the server package is optional at import time
-        return
+    from .server.commands import jobs_app, serve_command
+
     app.command("serve")(user_errors(serve_command))
     app.add_typer(jobs_app, name="jobs")
 

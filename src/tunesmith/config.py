@@ -131,7 +131,7 @@ class SamplingConfig:
                            gt=0, max=1, cli=0.95)
     top_k: int = setting(0, "keep only the k likeliest tokens (0 = off)", min=0, openai_max=1000,
                        message="must be 0 (off) or positive")
-    repetition_penalty: float = setting(1.0, "divide the logits of tokens already seen by this", gt=0, max=10,
+    repetition_penalty: float = setting(1.0, "penalise tokens already seen (1 = off)", gt=0, max=10,
                                         cli=1.1)
     stop: Sequence[str] = setting((), "stop at this text (repeatable)")
     seed: int | None = setting(None, "same seed, same text")

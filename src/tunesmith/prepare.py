@@ -95,7 +95,7 @@ def prepare(
     corpus = read_records(path, known_word=_Lexicon(get_tokenizer))
     _check_output(out_dir, overwrite)
     tokenizer = get_tokenizer()
-    counter = _Counter(tokenizer, block_size - 1)
+    counter = _TokenCounter(tokenizer, block_size - 1)
     stats: dict[str, int] = {"split": 0, "word_split": 0, "truncated": 0, "empty": 0}
     if corpus.format == "book":
         rows, tokens = _book_examples(corpus, counter, stats)
@@ -318,7 +318,7 @@ def _duration(seconds: float) -> str:
 # --- token counting and cutting -------------------------------------------------------------
 
 
-class _Counter:
+class _TokenCounter:
     """Counts tokens with the base model's tokenizer; ``budget`` is the most tokens per example."""
 
     def __init__(self, tokenizer: Any, budget: int) -> None:
@@ -399,7 +399,7 @@ class _Unit:
     joiner: str  # put before this unit when it follows another in the same example
 
 
-def _units(paragraphs: list[str], counter: _Counter, stats: dict[str, int]) -> list[_Unit]:
+def _units(paragraphs: list[str], counter: _TokenCounter, stats: dict[str, int]) -> list[_Unit]:
     """Paragraphs that fit a block; longer ones split into sentences, and over-long sentences into words.
 
     A paragraph that does not end a sentence ("It ran in this way:") is also cut into sentences,
@@ -417,7 +417,7 @@ def _units(paragraphs: list[str], counter: _Counter, stats: dict[str, int]) -> l
     return units
 
 
-def _sentence_units(unit: _Unit, counter: _Counter, stats: dict[str, int]) -> list[_Unit]:
+def _sentence_units(unit: _Unit, counter: _TokenCounter, stats: dict[str, int]) -> list[_Unit]:
     """A paragraph unit as one unit per sentence (the first keeps the paragraph's joiner)."""
     sentences = split_sentences(unit.text)
     if len(sentences) <= 1 and unit.tokens <= counter.budget:
@@ -434,7 +434,7 @@ def _sentence_units(unit: _Unit, counter: _Counter, stats: dict[str, int]) -> li
     return units
 
 
-def _split_words(text: str, counter: _Counter) -> list[str]:
+def _split_words(text: str, counter: _TokenCounter) -> list[str]:
     """Last resort for a sentence longer than a block: cut it at word boundaries (or inside a huge word)."""
     budget = counter.budget
     words = text.split()
@@ -474,8 +474,8 @@ def _join(units: list[_Unit]) -> str:
     return text
 
 
-def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
-    """Greedily pack units into examples of at most ``budget`` tokens that end on sentence ends.
+def _join_units(units: list[_Unit], counter: _TokenCounter) -> list[str]:
+    """Greedily join units into examples of at most ``budget`` tokens that end on sentence ends.
 
     When an example is full, trailing units that do not end a sentence (a heading, "He wrote:")
     move on to start the next example, where they belong; if the next paragraph is too big to
@@ -520,11 +520,11 @@ def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
     return examples
 
 
-def _budgeted(texts: list[str], counter: _Counter) -> tuple[list[dict], list[int]]:
+def _budgeted(texts: list[str], counter: _TokenCounter) -> tuple[list[dict], list[int]]:
     """Rows and token counts, re-checking every example against the budget."""
     rows, tokens = [], []
     for text, n in zip(texts, counter.many(texts)):
-        if n > counter.budget:  # the fast path in _pack misjudged a seam: cut it again
+        if n > counter.budget:  # the fast path in _join_units misjudged a seam: cut it again
             for piece in _split_words(text, counter):
                 rows.append({"text": piece})
                 tokens.append(counter.one(piece))
@@ -537,12 +537,12 @@ def _budgeted(texts: list[str], counter: _Counter) -> tuple[list[dict], list[int
 # --- examples per format --------------------------------------------------------------------
 
 
-def _book_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+def _book_examples(corpus: Corpus, counter: _TokenCounter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
     paragraphs = [r["text"] for r in corpus.records if r["text"].strip()]
-    return _budgeted(_pack(_units(paragraphs, counter, stats), counter), counter)
+    return _budgeted(_join_units(_units(paragraphs, counter, stats), counter), counter)
 
 
-def _text_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+def _text_examples(corpus: Corpus, counter: _TokenCounter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
     texts: list[str] = []
     for record in corpus.records:
         text = record["text"]
@@ -553,12 +553,12 @@ def _text_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> 
             texts.append(text)  # a document that fits stays exactly as written
             continue
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-        texts.extend(_pack(_units(paragraphs, counter, stats), counter))
+        texts.extend(_join_units(_units(paragraphs, counter, stats), counter))
     return _budgeted(texts, counter)
 
 
 def _pair_examples(
-    corpus: Corpus, tokenizer: Any, counter: _Counter, stats: dict[str, int]
+    corpus: Corpus, tokenizer: Any, counter: _TokenCounter, stats: dict[str, int]
 ) -> tuple[list[dict], list[int]]:
     pairs: list[tuple[str, str]] = []
     if corpus.format == "chat":

@@ -24,11 +24,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
 from .atomic import append_jsonl, atomic_dir, write_json, write_text
 from .config import MICRO_BATCH_TOKENS, TrainConfig, micro_batch_size  # noqa: F401 (re-exported)
 from .errors import TunesmithError
+from .events import TrainEvent
 from .rundir import RUN_FORMAT, Run
+from .version import __version__
 
 # ----------------------------------------------------------------------------------------
 # Pieces the loop (and the time estimate) use
@@ -242,8 +243,8 @@ def load_data(data: str | Path, cfg: TrainConfig, tokenizer, data_dir: Path, val
     warnings: list[str] = []
     if validation is not None:
         from .atomic import write_json
-        from .wording import counted
         from .prepare import normalised_key
+        from .wording import counted
 
         held = _examples(validation, cfg, tokenizer, data_dir / "validation", hold_out=False)
         shutil.rmtree(data_dir / "validation", ignore_errors=True)
@@ -306,7 +307,7 @@ def finetune(
     validation: str | Path | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    on_event: Callable[[dict], None] | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     samples: bool = True,
@@ -369,7 +370,7 @@ RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "sample_prompts", "sample
 def resume(
     run: str | Path | Run,
     *,
-    on_event: Callable[[dict], None] | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     samples: bool = True,
@@ -490,13 +491,13 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     torch.manual_seed(cfg.seed)
     t_load = time.perf_counter()
     model, tok, device, compute = build_model(cfg)
-    emit({"type": "info", "message": f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"})
+    emit(TrainEvent("info", message=f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"))
 
     fmt = (prepared.get("report") or {}).get("format")
     train_blocks = make_blocks(prepared["train"], tok, cfg.block_size, fmt)
     valid_blocks = make_blocks(prepared["valid"], tok, cfg.block_size, fmt) if prepared["valid"] else None
     for warning in prepared.get("warnings", []):
-        emit({"type": "info", "level": "warning", "message": f"warning: {warning}"})
+        emit(TrainEvent("info", message=f"warning: {warning}", level="warning"))
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -505,8 +506,8 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     from .wording import counted
 
-    emit({"type": "info", "message": f"{counted(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
-          f"{counted(total_steps, 'step')}, {trainable:,} trainable parameters"})
+    emit(TrainEvent("info", message=f"{counted(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
+                                    f"{counted(total_steps, 'step')}, {trainable:,} trainable parameters"))
     prompts = cfg.sample_prompts or _default_prompts(prepared)
 
     # A resume restores everything the loop below depends on, and drops the metric rows
@@ -527,7 +528,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     compiled = wants_compile(cfg, device, total_steps * cfg.batch_size * cfg.block_size)
     if compiled:
         compile_layers(model)
-        emit({"type": "info", "message": "compiling the decoder layers (the first step takes ~20 s longer)"})
+        emit(TrainEvent("info", message="compiling the decoder layers (the first step takes ~20 s longer)"))
 
     def validate(step: int, epoch: float, elapsed_tokens: int) -> dict:
         with eager_layers(model):
@@ -537,8 +538,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                    "validation_loss": result["loss"], "validation_token_accuracy": result["accuracy"],
                    "validation_perplexity": result["perplexity"]}
             log(row)
-            emit({"type": "validation", "step": step, "validation_loss": result["loss"],
-                  "validation_token_accuracy": result["accuracy"], "perplexity": result["perplexity"]})
+            emit(TrainEvent("validation", step, metrics={k: v for k, v in row.items() if k != "step"}))
         return result
 
     before = state["before"] if "before" in state else validate(0, 0.0, 0)
@@ -556,7 +556,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                  "samples": sample_log[:n_samples], "before": before, "after": after, "best": best,
                  "device": str(device), "dtype": str(compute)}
         path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
-        emit({"type": "checkpoint", "step": step, "path": str(path)})
+        emit(TrainEvent("checkpoint", step, path=str(path)))
 
     bar = _Progress(total_steps, enabled=show_progress, done=step)
     status, busy = "succeeded", False
@@ -583,7 +583,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                         compiled = False
                         uncompile_layers(model)
                         opt.zero_grad(set_to_none=True)
-                        emit({"type": "info", "message": f"torch.compile failed ({type(err).__name__}); training uncompiled"})
+                        emit(TrainEvent("info", message=f"torch.compile failed ({type(err).__name__}); training uncompiled"))
                         result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
                     step += 1
                     done = (epoch, batch_in_epoch + 1)
@@ -595,7 +595,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                            "tokens_per_second": elapsed_tokens / seconds, "elapsed_seconds": seconds}
                     log(row)
                     busy = False
-                    emit({"type": "metrics", "total_steps": total_steps, **row})
+                    emit(TrainEvent("metrics", step, metrics={k: v for k, v in row.items() if k != "step"}, total_steps=total_steps))
                     bar.update(step, result["loss"], row["tokens_per_second"])
                     if cfg.save_every and step % cfg.save_every == 0:
                         checkpoint(step, *done)
@@ -625,7 +625,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
             checkpoint(step, *done)
         run.set_status("interrupted", step=step)
         _finish(run, cfg, before, None, time.perf_counter() - started, elapsed_tokens)
-        emit({"type": "done", "status": "interrupted", "path": str(run.path)})
+        emit(TrainEvent("done", step, status="interrupted", path=str(run.path)))
         raise
     bar.close()
     if status == "cancelled":
@@ -634,7 +634,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     final = after if status == "succeeded" else None  # a finished run ends with a validation
     run.set_status(status, step=step)
     _finish(run, cfg, before, final, seconds, elapsed_tokens)
-    emit({"type": "done", "status": status, "path": str(run.path)})
+    emit(TrainEvent("done", step, status=status, path=str(run.path)))
 
 
 class _DeferredInterrupt:
@@ -775,7 +775,7 @@ def load_checkpoint(run: Run, cfg: TrainConfig, model, opt, sched, device: str, 
             state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
             _load_weights(model, path / _weights_name(cfg), cfg)
         except Exception as err:  # a damaged checkpoint: an older one may still be whole
-            emit({"type": "info", "message": f"skipping checkpoint {path.name}: {type(err).__name__}: {err}"})
+            emit(TrainEvent("info", message=f"skipping checkpoint {path.name}: {type(err).__name__}: {err}"))
             continue
         for key, now in (("device", device), ("dtype", dtype)):
             if state.get(key, now) != now:
@@ -791,10 +791,10 @@ def load_checkpoint(run: Run, cfg: TrainConfig, model, opt, sched, device: str, 
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        emit({"type": "info", "message": f"resuming from {path.name} (step {state['step']}, epoch {state['epoch']}, "
-                                         f"{state['batch_in_epoch']} batches of it done)"})
+        emit(TrainEvent("info", message=f"resuming from {path.name} (step {state['step']}, epoch {state['epoch']}, "
+                                        f"{state['batch_in_epoch']} batches of it done)"))
         return state
-    emit({"type": "info", "message": "no checkpoint to resume from; training from the first step"})
+    emit(TrainEvent("info", message="no checkpoint to resume from; training from the first step"))
     return None
 
 
@@ -911,7 +911,14 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
