@@ -35,6 +35,7 @@ browser:
 	  else echo "chromium not installed: the browser test will be skipped"; fi; }
 
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)

@@ -103,7 +103,7 @@ def _child(directory: Path, repeats: int, check_tokens: int) -> dict:
     report = index.check(text)
     first = time.perf_counter() - started
     times, cpu_times = [], []
-    for i in range(repeats):
+    for _ in range(repeats):
         started, cpu = time.perf_counter(), time.process_time()
         index.check(text)
         times.append(time.perf_counter() - started)

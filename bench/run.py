@@ -106,8 +106,16 @@ def step_stats(start: float, ends: list[float], warmup: int, tokens_per_step: in
 def child_train_tunesmith(spec: dict) -> dict:
     import torch
 
-    from tunesmith.train import (TrainConfig, build_model, compile_layers, eager_layers, evaluate, make_optimizer,
-                                 micro_batch_size, train_step)
+    from tunesmith.train import (
+        TrainConfig,
+        build_model,
+        compile_layers,
+        eager_layers,
+        evaluate,
+        make_optimizer,
+        micro_batch_size,
+        train_step,
+    )
 
     pin_threads(spec)
     cfg = TrainConfig(base=spec["model"], batch_size=BATCH, block_size=BLOCK, lora_r=LORA_R, lora_alpha=LORA_ALPHA,

@@ -133,7 +133,7 @@ def user_error(result, *needles) -> str:
     [
         (["--dtype", "fp8"], ["--dtype", "fp8"]),
         (["--device", "tpu"], ["--device", "tpu"]),
-        (["--block-size", "0"], ["--block-size: must be at least 1"]),
+        (["--block-size", "0"], ["--block-size: must be between 16 and 8192"]),
         (["--epochs", "0"], ["--epochs: must be at least 1"]),
         (["--save-every", "0"], ["--save-every: must be at least 1"]),
         (["--seed", "-1"], ["--seed: must be between 0"]),

@@ -74,7 +74,9 @@ def test_three_planted_passages_are_found_with_their_lines_and_nothing_else(inde
         assert (where.file, where.line, where.end_line, where.heading) == ("sherlock.txt", line, end_line, heading)
     assert report.longest.text == SWANDAM
     # the copied tokens are the passages' tokens (each follows a space in the checked text)
-    encode = lambda t: index.tokenizer.encode(" ".join(t.split()), add_special_tokens=False).ids
+    def encode(t):
+        return index.tokenizer.encode(" ".join(t.split()), add_special_tokens=False).ids
+
     copied = sum(len(encode(" " + passage)) for passage, *_ in PLANTED)
     assert report.n_tokens == len(encode(text))
     assert report.copy_rate == pytest.approx(copied / report.n_tokens)

@@ -207,7 +207,7 @@ def test_sampled_logprobs_are_the_models_not_the_shaped_ones(model32):
     out = model32.generate("Hi there", max_tokens=5, temperature=1.7, top_k=5, repetition_penalty=1.5,
                            seed=3, logprobs=20)[0]
     ids = []
-    for piece, top, lp in zip(out.tokens, out.top_logprobs, out.token_logprobs):
+    for piece, top in zip(out.tokens, out.top_logprobs):
         matches = [int(i) for i in top if model32.tokenizer.decode([int(i)]) == piece]
         assert len(matches) == 1  # the shaped top 5 lies in the model's top 20
         ids.append(matches[0])

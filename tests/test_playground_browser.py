@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from test_server_live import LiveServer, story
 
 CHROMIUM = "/usr/bin/chromium"

@@ -14,7 +14,6 @@ from tunesmith import finetune
 from tunesmith.tokens import make_blocks, pack_examples
 from tunesmith.train import lm_loss, segment_mask
 
-
 # --- packing whole examples --------------------------------------------------------------------
 
 
@@ -136,8 +135,9 @@ def test_validation_file_sharing_examples_is_reported(tmp_path: Path, tiny_model
 
 
 def test_validation_file_without_shared_examples_is_ok(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from tunesmith.train import TrainConfig, load_data
     from transformers import AutoTokenizer
+
+    from tunesmith.train import TrainConfig, load_data
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     train = _jsonl(tmp_path / "t.jsonl", [{"prompt": f"Q{i}:", "completion": f" {i}."} for i in range(5)])

@@ -330,6 +330,7 @@ def test_checkpoint_ids_are_served_as_models(client, tunesmith_home):
     import shutil
 
     from test_server_live import story
+
     from tunesmith.server.store import Store
     from tunesmith.server.worker import JobRunner
 

@@ -58,7 +58,7 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60) -> "LiveServer":
+    def start(self, timeout: float = 60) -> LiveServer:
         env = {**os.environ, "TUNESMITH_HOME": str(self.home), "PYTHONPATH": str(ROOT / "src")}
         env.pop("TUNESMITH_API_KEY", None)
         cmd = [sys.executable, "-m", "tunesmith.server", "serve", "--port", str(self.port), "--log-level", "warning",

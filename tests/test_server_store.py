@@ -11,11 +11,11 @@ import typer
 from typer.testing import CliRunner
 
 from tunesmith.server.admission import GenerationQueue, QueueFull
+from tunesmith.server.commands import check_bind, follow_job, is_loopback, jobs_app, serve_command
 from tunesmith.server.errors import APIError
+from tunesmith.server.models_cache import ModelCache, parse_bytes
 from tunesmith.server.routes.jobs import resolve_hyperparameters
 from tunesmith.server.schemas import JobRequest
-from tunesmith.server.commands import check_bind, follow_job, is_loopback, jobs_app, serve_command
-from tunesmith.server.models_cache import ModelCache, parse_bytes
 from tunesmith.server.store import FILE_ID_RE, JOB_ID_RE, Store, new_id
 
 
@@ -202,7 +202,7 @@ def test_jobs_cli_lists_shows_cancels_and_follows(store: Store):
     assert store.get_job(job["id"])["status"] == "cancelled"
     lines: list[str] = []
     final = follow_job(store, job["id"], poll=0.01, echo=lines.append, timeout=5)
-    assert final["status"] == "cancelled" and any("cancelled before it started" in l for l in lines)
+    assert final["status"] == "cancelled" and any("cancelled before it started" in line for line in lines)
     followed = runner.invoke(jobs_app, ["follow", job["id"]])
     assert followed.exit_code == 1 and "cancelled" in followed.output
     missing = runner.invoke(jobs_app, ["show", "ftjob-" + "0" * 24])

@@ -145,7 +145,8 @@ def test_fidelity_on_real_prose(corpora):
     holmes = words((corpora / "sherlock.txt").read_text(encoding="utf-8"))
     bard = words((corpora / "tinyshakespeare.txt").read_text(encoding="utf-8"))
     train, heldout, base = holmes[:60000], holmes[60000:63000], bard[:5000]
-    index = lambda tuned: style_distance(train, heldout, base, tuned, mfw_sizes=(300,))["mfw"]["300"]["fidelity_index"]["mean"]
+    def index(tuned):
+        return style_distance(train, heldout, base, tuned, mfw_sizes=(300,))["mfw"]["300"]["fidelity_index"]["mean"]
     assert 0.75 < index(holmes[70000:75000]) < 1.25
     assert -0.15 < index(bard[20000:25000]) < 0.15
     assert 0.15 < index(holmes[80000:82500] + bard[10000:12500]) < 0.65

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from tunesmith import TunesmithError, finetune, load
 from tunesmith.rundir import Run, is_run_dir
-from tunesmith.train import TrainConfig, build_model, make_optimizer, train_step
 from tunesmith.tokens import Blocks
+from tunesmith.train import TrainConfig, build_model, make_optimizer, train_step
 
 TEXT = "".join(
     f"The lamp burned low in study number {i}. Holmes leaned back and closed his eyes for {i} minutes. "
@@ -51,9 +51,24 @@ def test_run_directory_has_everything(book, tmp_path, tiny_model_dir):
     samples = (run.path / "samples.md").read_text()
     assert "Epoch 1" in samples and "Epoch 2" in samples
     assert {e["type"] for e in events} >= {"info", "metrics", "validation", "checkpoint", "done"}
+    # the events carry metrics.jsonl's rows under the same names
+    reported = [{"step": e.step, **e.metrics} for e in events if e.type in ("metrics", "validation")]
+    assert reported == rows
     assert run.checkpoints(), "each epoch leaves a checkpoint"
     state = torch.load(run.checkpoints()[-1]["path"] + "/trainer_state.pt", weights_only=False)
     assert {"optimizer", "scheduler", "rng", "epoch", "batch_in_epoch"} <= set(state)
+
+
+def test_config_object_and_keyword_overrides(book, tmp_path, tiny_model_dir):
+    config = TrainConfig(**{**TINY, "epochs": 1})
+    run = finetune(book, config, out=tmp_path / "run", progress=False, samples=False, max_steps=2)
+    assert (run.config["epochs"], run.config["max_steps"], run.config["block_size"]) == (1, 2, 64)
+    assert config.max_steps is None  # the caller's config is left as it was
+    with pytest.raises(TunesmithError, match="unknown option"):
+        finetune(book, config, out=tmp_path / "other", epoch=3)
+    with pytest.raises(TunesmithError, match="between 16 and 8192"):
+        finetune(book, config, out=tmp_path / "other", block_size=8193)
+    assert not (tmp_path / "other").exists()
 
 
 def test_same_seed_same_run(book, tmp_path, tiny_model_dir):

@@ -7,14 +7,15 @@
     print(model.generate("It was a dark night", max_tokens=80)[0].text)
 """
 
-__version__ = "0.1.0"
+from .classify import Classifier, finetune_classifier
+from .config import SamplingConfig, TrainConfig
+from .errors import TunesmithError
+from .events import TrainEvent
+from .generate import Completion, Model, load
+from .prepare import prepare
+from .rundir import Run
+from .train import finetune, resume
+from .version import __version__
 
-from .classify import Classifier, finetune_classifier  # noqa: E402
-from .errors import TunesmithError  # noqa: E402
-from .generate import Completion, Model, load  # noqa: E402
-from .prepare import prepare  # noqa: E402
-from .rundir import Run  # noqa: E402
-from .train import finetune, resume  # noqa: E402
-
-__all__ = ["Classifier", "Completion", "Model", "Run", "TunesmithError", "finetune", "finetune_classifier", "load",
-           "prepare", "resume", "__version__"]
+__all__ = ["Classifier", "Completion", "Model", "Run", "SamplingConfig", "TrainConfig", "TrainEvent", "TunesmithError",
+           "finetune", "finetune_classifier", "load", "prepare", "resume", "__version__"]

@@ -484,7 +484,14 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[eps]} examples/s"),
@@ -526,7 +533,7 @@ class Classifier:
         self.labels = config.get("labels") or []
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | None = None, dtype: str | None = "auto") -> "Classifier":
+    def load(cls, path: str | Path, *, device: str | None = None, dtype: str | None = "auto") -> Classifier:
         import torch
 
         from .device import pick_device, pick_dtype, setup_threads
@@ -643,7 +650,14 @@ def predict_file(classifier: Classifier, path: str | Path, out: str | Path, prog
 def _predict_with_bar(classifier: Classifier, texts: list[str], progress: bool) -> list[dict]:
     if not progress:
         return classifier.predict(texts)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn()) as bar:

@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import TunesmithError
-from .errors import reported as user_errors
-from .models import DEFAULT_BASE
+from .config import SamplingConfig, TrainConfig, spec
+from .errors import TunesmithError, user_errors
+from .events import TrainEvent
 
 app = typer.Typer(
     help="Fine-tune a small language model on a text you love, then write in its style.",
@@ -29,6 +29,14 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 out = Console()
 err = Console(stderr=True)
+
+
+def _setting(cls: type, name: str, *decls: str):
+    """A Typer option whose default and help come from field ``name`` of ``cls`` (config.py); the
+    CLI's own default where the field names one (``cli``)."""
+    meta = spec(cls, name)
+    default = meta.get("cli", meta["default"])
+    return typer.Option(list(default) if isinstance(default, (list, tuple)) else default, *decls, help=meta["help"])
 
 
 @models_app.command("list")
@@ -51,13 +59,13 @@ def models_list() -> None:
 def prepare(
     file: Path = typer.Argument(..., help="a book (.txt/.md), .jsonl/.json records, or .csv/.tsv"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output dir (default: NAME.prepared beside the input)"),
-    base: str = typer.Option(DEFAULT_BASE, help="base model whose tokenizer counts tokens"),
-    block_size: int = typer.Option(512, help="longest example, in tokens"),
+    base: str = typer.Option(spec(TrainConfig, "base")["default"], help="base model whose tokenizer counts tokens"),
+    block_size: int = _setting(TrainConfig, "block_size"),
     fraction: float = typer.Option(1.0, help="use only the first part of the data (0 < f <= 1)"),
     max_tokens: Optional[int] = typer.Option(None, help="use only the first N tokens"),
-    valid_fraction: float = typer.Option(0.05, help="share of examples held out for validation"),
+    valid_fraction: float = _setting(TrainConfig, "valid_fraction"),
     dedupe: bool = typer.Option(True, help="drop exact duplicate examples"),
-    seed: int = typer.Option(0, help="seed of the train/validation split"),
+    seed: int = _setting(TrainConfig, "seed"),
     overwrite: bool = typer.Option(False, help="replace an existing output dir"),
     estimate: bool = typer.Option(True, help="measure this machine to estimate training time"),
 ) -> None:
@@ -81,7 +89,7 @@ def prepare(
 def tokenize(
     text: Optional[str] = typer.Argument(None, help="text to split"),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="read the text from a file"),
-    base: str = typer.Option(DEFAULT_BASE, help="whose tokenizer"),
+    base: str = typer.Option(spec(TrainConfig, "base")["default"], help="whose tokenizer"),
     ids: bool = typer.Option(False, "--ids", help="print only the ids"),
 ) -> None:
     """Show how the base model's subword tokenizer splits text into tokens."""
@@ -124,24 +132,24 @@ def tokenize(
 def train(
     ctx: typer.Context,
     data: Optional[Path] = typer.Argument(None, help="a prepared dir, or any file `prepare` accepts"),
-    base: str = typer.Option(DEFAULT_BASE, help="base model: a name, a model dir or a .gguf"),
+    base: str = _setting(TrainConfig, "base"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME-TIME)"),
-    epochs: int = typer.Option(4, help="passes over the training data"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate (default 1e-3 LoRA, 5e-5 full)"),
-    batch_size: int = typer.Option(8, help="blocks per optimizer step"),
-    block_size: int = typer.Option(512, help="tokens per block"),
-    method: str = typer.Option("lora", help="lora or full"),
-    lora_r: int = typer.Option(16, help="LoRA rank"),
-    seed: int = typer.Option(0),
-    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
-    valid_fraction: float = typer.Option(0.05, help="held-out share when DATA is a raw file"),
+    epochs: int = _setting(TrainConfig, "epochs"),
+    lr: Optional[float] = _setting(TrainConfig, "lr"),
+    batch_size: int = _setting(TrainConfig, "batch_size"),
+    block_size: int = _setting(TrainConfig, "block_size"),
+    method: str = _setting(TrainConfig, "method"),
+    lora_r: int = _setting(TrainConfig, "lora_r"),
+    seed: int = _setting(TrainConfig, "seed"),
+    max_steps: Optional[int] = _setting(TrainConfig, "max_steps"),
+    valid_fraction: float = _setting(TrainConfig, "valid_fraction"),
     validation: Optional[Path] = typer.Option(None, help="a separate validation file or prepared dir (then nothing is held out)"),
-    dtype: str = typer.Option("auto", help="auto (bf16 where supported), bf16 or fp32"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda"),
-    save_every: Optional[int] = typer.Option(None, help="also checkpoint every N steps"),
-    keep_checkpoints: int = typer.Option(2, help="how many of the newest checkpoints to keep (best/ is kept too)"),
-    compile: str = typer.Option("auto", help="torch.compile the layers: auto (long CPU runs), on, off"),
-    prompt: List[str] = typer.Option([], "--prompt", help="fixed prompt for samples.md (repeatable)"),
+    dtype: str = _setting(TrainConfig, "dtype"),
+    device: str = _setting(TrainConfig, "device"),
+    save_every: Optional[int] = _setting(TrainConfig, "save_every"),
+    keep_checkpoints: int = _setting(TrainConfig, "keep_checkpoints"),
+    compile: str = _setting(TrainConfig, "compile"),
+    prompt: List[str] = _setting(TrainConfig, "sample_prompts", "--prompt"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the plan and estimated time, train nothing"),
     overwrite: bool = typer.Option(False, help="replace an earlier tunesmith run at --out (never any other folder)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue this interrupted run from its last checkpoint"),
@@ -174,22 +182,23 @@ def train(
     if dry_run:
         from .estimate import plan
 
-        info = plan(data, validation=validation, **options)
+        info = plan(data, TrainConfig(**options), validation=validation)
         for key, value in info.items():
             out.print(f"{key:>22}: {value}")
         return
     from .train import finetune
 
-    def on_event(event: dict) -> None:
-        if event["type"] == "info":
-            out.print(f"[dim]{event['message']}[/]")
-        elif event["type"] == "validation" and event["step"] == 0:
-            out.print(f"base model: validation loss {event['validation_loss']:.3f}, perplexity {event['perplexity']:.2f}")
+    def on_event(event: TrainEvent) -> None:
+        if event.type == "info":
+            out.print(f"[dim]{event.message}[/]")
+        elif event.type == "validation" and event.step == 0:
+            out.print(f"base model: validation loss {event.metrics['validation_loss']:.3f}, "
+                      f"perplexity {event.metrics['validation_perplexity']:.2f}")
 
     seen: dict = {}
     try:
-        run = finetune(data, validation=validation, out=out_dir, overwrite=overwrite,
-                       on_event=_train_events(on_event, seen), **options)
+        run = finetune(data, TrainConfig(**options), validation=validation, out=out_dir, overwrite=overwrite,
+                       on_event=_train_events(on_event, seen))
     except KeyboardInterrupt:
         _interrupted(seen.get("path"))
     _done(run)
@@ -197,9 +206,9 @@ def train(
 
 def _train_events(on_event, seen: dict):
     """Pass training events on, remembering the run directory."""
-    def handle(event: dict) -> None:
-        if event.get("path") and event["type"] == "done":
-            seen["path"] = event["path"]
+    def handle(event: TrainEvent) -> None:
+        if event.path and event.type == "done":
+            seen["path"] = event.path
         on_event(event)
     return handle
 
@@ -232,9 +241,9 @@ def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool
         if field in options and ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
             given[field] = options[field]
 
-    def on_event(event: dict) -> None:
-        if event["type"] == "info":
-            out.print(f"[dim]{event['message']}[/]")
+    def on_event(event: TrainEvent) -> None:
+        if event.type == "info":
+            out.print(f"[dim]{event.message}[/]")
 
     try:
         result = resume_api(run, on_event=on_event, **given)
@@ -302,14 +311,14 @@ def predict(
 def generate(
     model: str = typer.Argument(..., help="a run dir, a base name, a model dir or a .gguf"),
     prompt: str = typer.Argument(..., help="the text to continue"),
-    max_tokens: int = typer.Option(200, help="most new tokens"),
-    temperature: float = typer.Option(0.8, help="0 = greedy"),
-    top_p: float = typer.Option(0.95),
-    top_k: int = typer.Option(0, help="0 = off"),
-    repetition_penalty: float = typer.Option(1.1),
-    stop: List[str] = typer.Option([], "--stop", help="stop at this text (repeatable)"),
+    max_tokens: int = _setting(SamplingConfig, "max_tokens"),
+    temperature: float = _setting(SamplingConfig, "temperature"),
+    top_p: float = _setting(SamplingConfig, "top_p"),
+    top_k: int = _setting(SamplingConfig, "top_k"),
+    repetition_penalty: float = _setting(SamplingConfig, "repetition_penalty"),
+    stop: List[str] = _setting(SamplingConfig, "stop", "--stop"),
     n: int = typer.Option(1, help="how many continuations"),
-    seed: Optional[int] = typer.Option(None, help="same seed, same text"),
+    seed: Optional[int] = _setting(SamplingConfig, "seed"),
     chat: bool = typer.Option(False, help="wrap the prompt in the chat template as a user message"),
     compare_base: bool = typer.Option(False, "--compare-base", help="also show the base model's continuation"),
     check_copying: bool = typer.Option(
@@ -318,13 +327,13 @@ def generate(
     ),
 ) -> None:
     """Write a continuation of PROMPT, streamed as it is written."""
-    from .generate import SamplingParams, load
+    from .generate import load
 
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     repetition_penalty=repetition_penalty, stop=stop, seed=seed)
     if n < 1:
         raise TunesmithError("must be at least 1", field="n")
-    SamplingParams(**sampling).check()  # bad settings fail before the model loads
+    SamplingConfig(**sampling).check()  # bad settings fail before the model loads
     copy_index = _copy_index(model) if check_copying else None
     loaded = load(model)
     text = loaded.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
@@ -479,10 +488,8 @@ def eval_command(
 
 
 def _mount_server() -> None:
-    try:
-        from .server.commands import jobs_app, serve_command
-    except ImportError:  # the server package is optional at import time
-        return
+    from .server.commands import jobs_app, serve_command
+
     app.command("serve")(user_errors(serve_command))
     app.add_typer(jobs_app, name="jobs")
 

@@ -478,7 +478,7 @@ class CopyIndex:
             "tokenizer_hash": _hash_file(src.tokenizer_file),
         }
         meta = None if rebuild else _read_meta(src.index_dir)
-        for attempt in (1, 2):
+        for _attempt in (1, 2):
             if meta is None or any(meta.get(k) != v for k, v in want.items()):
                 if say is not None:
                     stale = "" if meta is None else " again (the training data has changed)"
@@ -548,7 +548,7 @@ class CopyIndex:
         lengths = self.match_lengths(query.ids, cap=_CAP)
         spans = self._spans(query, lengths, min_tokens)
         covered = np.zeros(m, dtype=bool)
-        for span, (t0, t1) in spans:
+        for _span, (t0, t1) in spans:
             covered[t0:t1] = True
         found = [span for span, _ in spans]
         return CopyReport(

@@ -20,8 +20,8 @@ import csv
 import errno
 import io
 import json
-import re
 import os
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field

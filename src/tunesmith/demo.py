@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import TunesmithError
+from .events import TrainEvent
 
 DEMO_PROMPT = (
     "The following is a cyberpunk flash fiction about eating breakfast.\n\n"
@@ -99,12 +100,12 @@ def run_demo(
             max_tokens=None if full else train_tokens, overwrite=True, estimate=False, seed=seed,
         )
         say(format_report(prepared.report))
-        def on_event(event: dict) -> None:
-            if event["type"] == "info":
-                say(event["message"])
-            elif event["type"] == "validation":
-                when = "before training" if event["step"] == 0 else f"at step {event['step']}"
-                say(f"validation perplexity {when}: {event['perplexity']:.2f}")
+        def on_event(event: TrainEvent) -> None:
+            if event.type == "info":
+                say(event.message)
+            elif event.type == "validation":
+                when = "before training" if event.step == 0 else f"at step {event.step}"
+                say(f"validation perplexity {when}: {event.metrics['validation_perplexity']:.2f}")
 
         run = finetune(
             prepared.dir, out=out, overwrite=True, base=base, epochs=epochs, batch_size=4, lr=lr,

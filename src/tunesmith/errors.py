@@ -50,7 +50,7 @@ class TunesmithError(Exception):
         return text
 
 
-def reported(command):
+def user_errors(command):
     """Wrap a CLI command: a TunesmithError becomes one message on stderr and its exit code,
     Ctrl-C exits 130; never a traceback."""
 
@@ -63,10 +63,10 @@ def reported(command):
         except TunesmithError as exc:
             option = None if exc.file else _option_for(command, exc.field)
             typer.secho(f"error: {exc.render(option)}", err=True, fg="red")
-            raise typer.Exit(exc.exit_code)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.secho("stopped.", err=True, fg="yellow")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 

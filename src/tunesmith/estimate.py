@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .home import home
-from .train import TrainConfig
+from .config import TrainConfig, with_overrides
 
 CALIBRATION_FORMAT = 2  # part of the cache key: older entries lack fields this module reads
 CALIBRATION_PROMPT = "It was a cold night, and the wind came down from the hills over the town"
@@ -37,8 +37,16 @@ def calibrate(cfg: TrainConfig, *, compiled: bool = False, refresh: bool = False
     from .device import pick_device, pick_dtype, setup_threads
     from .rundir import RUN_FORMAT, Run
     from .tokens import Blocks
-    from .train import (build_model, compile_layers, eager_layers, evaluate, make_optimizer, micro_batch_size,
-                        save_checkpoint, train_step)
+    from .train import (
+        build_model,
+        compile_layers,
+        eager_layers,
+        evaluate,
+        make_optimizer,
+        micro_batch_size,
+        save_checkpoint,
+        train_step,
+    )
 
     setup_threads()
     dev = pick_device(cfg.device)
@@ -179,12 +187,14 @@ def _estimate(cfg: TrainConfig, train_blocks, valid_blocks, prompts: int, data_s
     return {"counts": counts, "calibration": cal, **seconds_from(cal, counts, data_seconds)}
 
 
-def plan(data: str | Path, *, validation: str | Path | None = None, **options) -> dict:
-    """What `tunesmith train DATA` would do: steps, tokens, estimated time. Trains nothing."""
+def plan(data: str | Path, config: TrainConfig | None = None, *, validation: str | Path | None = None,
+         **overrides) -> dict:
+    """What `tunesmith train DATA` would do with ``config`` (and keyword overrides of its fields):
+    steps, tokens, estimated time. Trains nothing."""
     from .models import load_tokenizer
     from .train import _default_prompts, load_data, pack_data
 
-    cfg = TrainConfig(**options)
+    cfg = with_overrides(config or TrainConfig(), overrides)
     cfg.check()
     start = time.perf_counter()
     tok = load_tokenizer(cfg.base)

@@ -58,7 +58,7 @@ class EvalSettings:
     seed: int = 0
 
     @classmethod
-    def make(cls, quick: bool = False, **overrides) -> "EvalSettings":
+    def make(cls, quick: bool = False, **overrides) -> EvalSettings:
         base = cls(words=2_500, probe_windows=16) if quick else cls()
         for key, value in overrides.items():
             if value is not None:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .config import SamplingConfig, spec
 from .errors import TunesmithError
 
-MAX_TOKENS_LIMIT = 8192
+MAX_TOKENS_LIMIT = spec(SamplingConfig, "max_tokens")["max"]
 
 
 @dataclass
@@ -39,27 +40,7 @@ class Chunk:
     completion_tokens: int = 0
 
 
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop: Sequence[str] = ()
-    seed: int | None = None
-
-    def check(self) -> None:
-        if not 0 < self.max_tokens <= MAX_TOKENS_LIMIT:
-            raise TunesmithError(f"must be between 1 and {MAX_TOKENS_LIMIT}", field="max_tokens")
-        if not 0 <= self.temperature <= 5:
-            raise TunesmithError("must be between 0 and 5", field="temperature")
-        if not 0 < self.top_p <= 1:
-            raise TunesmithError("must be in (0, 1]", field="top_p")
-        if self.top_k < 0:
-            raise TunesmithError("must be 0 (off) or positive", field="top_k")
-        if not 0 < self.repetition_penalty <= 10:
-            raise TunesmithError("must be in (0, 10]", field="repetition_penalty")
+SamplingParams = SamplingConfig  # the earlier name
 
 
 class Model:
@@ -107,7 +88,7 @@ class Model:
         return torch.tensor([ids], device=self.device)
 
     # -- decoding -------------------------------------------------------------------------
-    def _decode_steps(self, prompt: str, params: SamplingParams, n: int, logprobs: int | None):
+    def _decode_steps(self, prompt: str, params: SamplingConfig, n: int, logprobs: int | None):
         """Yield, per step, the sampled token ids (n,) plus their logprobs; the caller decides when to stop."""
         import torch
         from transformers import DynamicCache
@@ -167,12 +148,12 @@ class Model:
         self,
         prompt: str,
         *,
-        max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        stop: Sequence[str] | str | None = (),
+        max_tokens: int = SamplingConfig.max_tokens,
+        temperature: float = SamplingConfig.temperature,
+        top_p: float = SamplingConfig.top_p,
+        top_k: int = SamplingConfig.top_k,
+        repetition_penalty: float = SamplingConfig.repetition_penalty,
+        stop: Sequence[str] | str | None = SamplingConfig.stop,
         n: int = 1,
         seed: int | None = None,
         logprobs: int | None = None,
@@ -181,7 +162,7 @@ class Model:
         if not 1 <= n <= 16:
             raise TunesmithError("must be between 1 and 16", field="n")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+        params = SamplingConfig(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
         start = time.perf_counter()
         first = 0.0
         stop_ids = self._stop_ids(stop)
@@ -225,12 +206,12 @@ class Model:
         self,
         prompt: str,
         *,
-        max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        stop: Sequence[str] | str | None = (),
+        max_tokens: int = SamplingConfig.max_tokens,
+        temperature: float = SamplingConfig.temperature,
+        top_p: float = SamplingConfig.top_p,
+        top_k: int = SamplingConfig.top_k,
+        repetition_penalty: float = SamplingConfig.repetition_penalty,
+        stop: Sequence[str] | str | None = SamplingConfig.stop,
         seed: int | None = None,
         n: int = 1,
     ) -> Iterator[Chunk]:
@@ -241,7 +222,7 @@ class Model:
         if n != 1:
             raise TunesmithError("streaming writes one completion at a time", field="n")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+        params = SamplingConfig(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
         text = _Text(self.tokenizer, stop, self._stop_ids(stop))
         sent = 0
         for token, _, _ in self._decode_steps(prompt, params, 1, None):
@@ -343,7 +324,7 @@ class _Text:
                 self._cut = True
 
 
-def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | None):
+def _sample(logits, seen, params: SamplingConfig, generator, logprobs: int | None):
     """Pick the next token for each row: repetition penalty, temperature, top-k, top-p, then sample.
 
     Log-probabilities are those of the model (before penalty and temperature), computed for the
@@ -368,7 +349,7 @@ def _sample(logits, seen, params: SamplingParams, generator, logprobs: int | Non
     return token, lp, top
 
 
-def _shape_logits(logits, seen, params: SamplingParams):
+def _shape_logits(logits, seen, params: SamplingConfig):
     """The logits sampling draws from: the repetition penalty on ``seen`` ids (a positive logit is
     divided by it, a negative one multiplied, once per id), then, unless greedy, temperature,
     top-k, and top-p (the smallest set of most likely tokens whose probability reaches top_p);

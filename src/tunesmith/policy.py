@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .train import TrainConfig
+from .config import TrainConfig
 
 MB = 1024 * 1024
 BYTES_PER_TOKEN = 4  # English prose in a SmolLM2-style BPE vocabulary: about 4 bytes per token

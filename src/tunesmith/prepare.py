@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .atomic import atomic_dir, write_json, write_jsonl
+from .config import TrainConfig, in_bounds, spec
 from .corpus import FIELDS, Corpus, read_records
 from .errors import TunesmithError
-from .models import DEFAULT_BASE
 from .wording import counted
 
-MIN_BLOCK_SIZE = 16
+MIN_BLOCK_SIZE = spec(TrainConfig, "block_size")["min"]
 RECOMMENDED_EXAMPLES = 100
 RECOMMENDED_BOOK_TOKENS = 20_000
 # The fields of the rows written to train.jsonl / valid.jsonl, per source format.
@@ -60,14 +60,14 @@ def prepare(
     path: str | Path,
     *,
     out: str | Path | None = None,
-    base: str | os.PathLike = DEFAULT_BASE,
+    base: str | os.PathLike = TrainConfig.base,
     tokenizer: Any = None,
-    block_size: int = 512,
+    block_size: int = TrainConfig.block_size,
     fraction: float = 1.0,
     max_tokens: int | None = None,
-    valid_fraction: float = 0.05,
+    valid_fraction: float = TrainConfig.valid_fraction,
     dedupe: bool = True,
-    seed: int = 0,
+    seed: int = TrainConfig.seed,
     overwrite: bool = False,
     estimate: Callable[[Prepared], dict] | None = None,
 ) -> Prepared:
@@ -97,7 +97,7 @@ def prepare(
     corpus = read_records(path, known_word=_Lexicon(get_tokenizer))
     _check_output(out_dir, overwrite)
     tokenizer = get_tokenizer()
-    counter = _Counter(tokenizer, block_size - 1)
+    counter = _TokenCounter(tokenizer, block_size - 1)
     stats: dict[str, int] = {"split": 0, "word_split": 0, "truncated": 0, "empty": 0}
     if corpus.format == "book":
         rows, tokens = _book_examples(corpus, counter, stats)
@@ -232,9 +232,11 @@ def _check_settings(block_size: Any, fraction: Any, max_tokens: Any, valid_fract
         )
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise TunesmithError(f"max tokens must be a positive whole number, not {max_tokens!r}", field="max_tokens")
-    if not _number(valid_fraction) or not 0 <= valid_fraction <= 0.5:
+    valid = spec(TrainConfig, "valid_fraction")
+    if not _number(valid_fraction) or not in_bounds(valid, valid_fraction):
         raise TunesmithError(
-            f"validation fraction must be between 0 and 0.5, not {valid_fraction!r}", field="valid_fraction"
+            f"validation fraction must be between {valid['min']} and {valid['max']}, not {valid_fraction!r}",
+            field="valid_fraction",
         )
 
 
@@ -311,7 +313,7 @@ def _duration(seconds: float) -> str:
 # --- token counting and cutting -------------------------------------------------------------
 
 
-class _Counter:
+class _TokenCounter:
     """Counts tokens with the base model's tokenizer; ``budget`` is the most tokens per example."""
 
     def __init__(self, tokenizer: Any, budget: int) -> None:
@@ -392,7 +394,7 @@ class _Unit:
     joiner: str  # put before this unit when it follows another in the same example
 
 
-def _units(paragraphs: list[str], counter: _Counter, stats: dict[str, int]) -> list[_Unit]:
+def _units(paragraphs: list[str], counter: _TokenCounter, stats: dict[str, int]) -> list[_Unit]:
     """Paragraphs that fit a block; longer ones split into sentences, and over-long sentences into words.
 
     A paragraph that does not end a sentence ("It ran in this way:") is also cut into sentences,
@@ -410,7 +412,7 @@ def _units(paragraphs: list[str], counter: _Counter, stats: dict[str, int]) -> l
     return units
 
 
-def _sentence_units(unit: _Unit, counter: _Counter, stats: dict[str, int]) -> list[_Unit]:
+def _sentence_units(unit: _Unit, counter: _TokenCounter, stats: dict[str, int]) -> list[_Unit]:
     """A paragraph unit as one unit per sentence (the first keeps the paragraph's joiner)."""
     sentences = split_sentences(unit.text)
     if len(sentences) <= 1 and unit.tokens <= counter.budget:
@@ -427,7 +429,7 @@ def _sentence_units(unit: _Unit, counter: _Counter, stats: dict[str, int]) -> li
     return units
 
 
-def _split_words(text: str, counter: _Counter) -> list[str]:
+def _split_words(text: str, counter: _TokenCounter) -> list[str]:
     """Last resort for a sentence longer than a block: cut it at word boundaries (or inside a huge word)."""
     budget = counter.budget
     words = text.split()
@@ -467,8 +469,8 @@ def _join(units: list[_Unit]) -> str:
     return text
 
 
-def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
-    """Greedily pack units into examples of at most ``budget`` tokens that end on sentence ends.
+def _join_units(units: list[_Unit], counter: _TokenCounter) -> list[str]:
+    """Greedily join units into examples of at most ``budget`` tokens that end on sentence ends.
 
     When an example is full, trailing units that do not end a sentence (a heading, "He wrote:")
     move on to start the next example, where they belong; if the next paragraph is too big to
@@ -513,11 +515,11 @@ def _pack(units: list[_Unit], counter: _Counter) -> list[str]:
     return examples
 
 
-def _budgeted(texts: list[str], counter: _Counter) -> tuple[list[dict], list[int]]:
+def _budgeted(texts: list[str], counter: _TokenCounter) -> tuple[list[dict], list[int]]:
     """Rows and token counts, re-checking every example against the budget."""
     rows, tokens = [], []
     for text, n in zip(texts, counter.many(texts)):
-        if n > counter.budget:  # the fast path in _pack misjudged a seam: cut it again
+        if n > counter.budget:  # the fast path in _join_units misjudged a seam: cut it again
             for piece in _split_words(text, counter):
                 rows.append({"text": piece})
                 tokens.append(counter.one(piece))
@@ -530,12 +532,12 @@ def _budgeted(texts: list[str], counter: _Counter) -> tuple[list[dict], list[int
 # --- examples per format --------------------------------------------------------------------
 
 
-def _book_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+def _book_examples(corpus: Corpus, counter: _TokenCounter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
     paragraphs = [r["text"] for r in corpus.records if r["text"].strip()]
-    return _budgeted(_pack(_units(paragraphs, counter, stats), counter), counter)
+    return _budgeted(_join_units(_units(paragraphs, counter, stats), counter), counter)
 
 
-def _text_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+def _text_examples(corpus: Corpus, counter: _TokenCounter, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
     texts: list[str] = []
     for record in corpus.records:
         text = record["text"]
@@ -546,12 +548,12 @@ def _text_examples(corpus: Corpus, counter: _Counter, stats: dict[str, int]) -> 
             texts.append(text)  # a document that fits stays exactly as written
             continue
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-        texts.extend(_pack(_units(paragraphs, counter, stats), counter))
+        texts.extend(_join_units(_units(paragraphs, counter, stats), counter))
     return _budgeted(texts, counter)
 
 
 def _pair_examples(
-    corpus: Corpus, tokenizer: Any, counter: _Counter, stats: dict[str, int]
+    corpus: Corpus, tokenizer: Any, counter: _TokenCounter, stats: dict[str, int]
 ) -> tuple[list[dict], list[int]]:
     pairs: list[tuple[str, str]] = []
     if corpus.format == "chat":

@@ -213,9 +213,3 @@ class Run:
             model = model.merge_and_unload()
         return model.to(dtype), tok
 
-
-def list_runs(root: str | Path) -> list[Run]:
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return [Run(p) for p in sorted(root.iterdir()) if p.is_dir() and is_run_dir(p)]

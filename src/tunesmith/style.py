@@ -91,7 +91,7 @@ class DeltaModel:
 
     @classmethod
     def fit(cls, sides: list[list[str]], n_mfw: int = DEFAULT_MFW, bag_size: int = BAG_WORDS,
-            bags_per_side: int = 25, seed: int = 0) -> "DeltaModel":
+            bags_per_side: int = 25, seed: int = 0) -> DeltaModel:
         """Fit on the texts under comparison, each weighted equally: ``bags_per_side`` random
         bags of ``bag_size`` words from each side make the reference corpus (then as
         ``from_pieces``, computed on word ids)."""
@@ -113,7 +113,7 @@ class DeltaModel:
         return cls([str(vocab[i]) for i, k in zip(top, keep) if k], mean[keep], std[keep], bag_size)
 
     @classmethod
-    def from_pieces(cls, pieces: list[list[str]], n_mfw: int = DEFAULT_MFW) -> "DeltaModel":
+    def from_pieces(cls, pieces: list[list[str]], n_mfw: int = DEFAULT_MFW) -> DeltaModel:
         """The ``n_mfw`` most frequent words over all pieces (ties alphabetical), and the mean
         and standard deviation (n-1) of their relative frequencies across the pieces."""
         counts: Counter = Counter()

@@ -11,7 +11,6 @@ out of the loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +36,6 @@ class Blocks:
     @property
     def block_size(self) -> int:
         return self.ids.shape[1] - 1
-
-    @property
-    def target_tokens(self) -> int:
-        return int(self.mask[:, 1:].sum())
 
 
 def encode_example(row: dict, tokenizer, joiner: list[int] | None = None) -> tuple[list[int], list[bool]]:

@@ -18,89 +18,18 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import __version__
 from .atomic import append_jsonl, atomic_dir, write_json, write_text
+from .config import MICRO_BATCH_TOKENS, TrainConfig, micro_batch_size, with_overrides  # noqa: F401 (re-exported)
 from .errors import TunesmithError
-from .models import DEFAULT_BASE
+from .events import TrainEvent
 from .rundir import RUN_FORMAT, Run
-
-# Tokens per forward/backward. On a CPU this bounds activation memory (~0.7 GB per 512 tokens)
-# at no cost in speed; on a GPU bigger is faster.
-MICRO_BATCH_TOKENS = {"cpu": 1024, "cuda": 65536, "mps": 8192}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides what a run computes. Saved as the run's config.json."""
-
-    base: str = DEFAULT_BASE
-    method: str = "lora"  # lora | full
-    epochs: int = 4
-    lr: float | None = None  # None: 1e-3 for LoRA, 5e-5 for full
-    batch_size: int = 8
-    micro_batch_size: int | None = None  # None: MICRO_BATCH_TOKENS // block_size
-    block_size: int = 512
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    max_steps: int | None = None
-    seed: int = 0
-    valid_fraction: float = 0.05
-    dtype: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    compile: str = "auto"  # auto | on | off: torch.compile the decoder layers (auto: long CPU runs)
-    save_every: int | None = None  # optimizer steps between checkpoints (besides each epoch end)
-    keep_checkpoints: int = 2  # the newest checkpoints kept (best/ is kept besides them)
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_tokens: int = 60
-
-    def check(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise TunesmithError("must be 'lora' or 'full'", field="method")
-        for name in ("epochs", "batch_size", "block_size", "lora_r"):
-            if getattr(self, name) < 1:
-                raise TunesmithError("must be at least 1", field=name)
-        if self.block_size > 8192:
-            raise TunesmithError("must be at most 8192", field="block_size")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise TunesmithError("must be between 0 and 1", field="lr")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise TunesmithError("must be at least 1", field="max_steps")
-        if self.save_every is not None and self.save_every < 1:
-            raise TunesmithError("must be at least 1", field="save_every")
-        if not 0 <= self.seed < 2**32:
-            raise TunesmithError("must be between 0 and 2**32 - 1", field="seed")
-        if not 0 <= self.valid_fraction <= 0.5:
-            raise TunesmithError("must be between 0 and 0.5", field="valid_fraction")
-        if self.compile not in ("auto", "on", "off"):
-            raise TunesmithError("must be auto, on or off", field="compile")
-        if self.keep_checkpoints < 1:
-            raise TunesmithError("must be at least 1", field="keep_checkpoints")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 5e-5)
-
-    @property
-    def micro_batch(self) -> int:
-        return micro_batch_size(self, "cpu")
-
-
-def micro_batch_size(cfg: TrainConfig, device) -> int:
-    """Blocks per forward/backward: small on a CPU (memory), the whole batch on a GPU (throughput)."""
-    budget = MICRO_BATCH_TOKENS.get(getattr(device, "type", str(device)).split(":")[0], MICRO_BATCH_TOKENS["cpu"])
-    micro = cfg.micro_batch_size or max(1, budget // cfg.block_size)
-    return max(1, min(micro, cfg.batch_size))
-
+from .version import __version__
 
 # ----------------------------------------------------------------------------------------
 # Pieces the loop (and the time estimate) use
@@ -314,8 +243,8 @@ def load_data(data: str | Path, cfg: TrainConfig, tokenizer, data_dir: Path, val
     warnings: list[str] = []
     if validation is not None:
         from .atomic import write_json
-        from .wording import counted
         from .prepare import normalised_key
+        from .wording import counted
 
         held = _examples(validation, cfg, tokenizer, data_dir / "validation", hold_out=False)
         shutil.rmtree(data_dir / "validation", ignore_errors=True)
@@ -378,27 +307,26 @@ def default_out(data: str | Path) -> Path:
 
 def finetune(
     data: str | Path,
+    config: TrainConfig | None = None,
     *,
     validation: str | Path | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
-    on_event: Callable[[dict], None] | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     samples: bool = True,
-    **options,
+    **overrides,
 ) -> Run:
-    """Fine-tune ``options['base']`` on ``data`` (a prepared dir or a raw file) into run dir ``out``.
+    """Fine-tune ``config.base`` on ``data`` (a prepared dir or a raw file) into run dir ``out``.
 
+    ``config`` (default: ``TrainConfig()``) holds every setting; ``overrides`` are TrainConfig
+    fields set on top of it, a shorthand for scripts: ``finetune(data, epochs=2)``.
     ``validation`` (optional, a prepared dir or raw file) replaces the held-out share of ``data``.
-    ``options`` are TrainConfig fields (epochs, lr, batch_size, block_size, method, seed, ...).
-    ``on_event`` receives progress events; ``should_stop()`` is polled each step for a clean stop.
-    Ctrl-C saves a checkpoint, marks the run interrupted and re-raises KeyboardInterrupt.
+    ``on_event`` receives each ``TrainEvent`` (events.py); ``should_stop()`` is polled each step for a
+    clean stop. Ctrl-C saves a checkpoint, marks the run interrupted and re-raises KeyboardInterrupt.
     """
-    unknown = set(options) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise TunesmithError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(**options)
+    cfg = with_overrides(config or TrainConfig(), overrides)
     cfg.check()
     from .device import pick_device, pick_dtype
     from .rundir import check_out_dir
@@ -447,7 +375,7 @@ RESUMABLE_CHANGES = ("save_every", "keep_checkpoints", "sample_prompts", "sample
 def resume(
     run: str | Path | Run,
     *,
-    on_event: Callable[[dict], None] | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     samples: bool = True,
@@ -566,11 +494,11 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     torch.manual_seed(cfg.seed)
     t_load = time.perf_counter()
     model, tok, device, compute = build_model(cfg)
-    emit({"type": "info", "message": f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"})
+    emit(TrainEvent("info", message=f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"))
 
     train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size)
     for warning in prepared.get("warnings", []):
-        emit({"type": "info", "level": "warning", "message": f"warning: {warning}"})
+        emit(TrainEvent("info", message=f"warning: {warning}", level="warning"))
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -579,8 +507,8 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     from .wording import counted
 
-    emit({"type": "info", "message": f"{counted(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
-          f"{counted(total_steps, 'step')}, {trainable:,} trainable parameters"})
+    emit(TrainEvent("info", message=f"{counted(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
+                                    f"{counted(total_steps, 'step')}, {trainable:,} trainable parameters"))
     prompts = cfg.sample_prompts or _default_prompts(prepared)
 
     # A resume restores everything the loop below depends on, and drops the metric rows
@@ -601,7 +529,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     compiled = wants_compile(cfg, device, total_steps * cfg.batch_size * cfg.block_size)
     if compiled:
         compile_layers(model)
-        emit({"type": "info", "message": "compiling the decoder layers (the first step takes ~20 s longer)"})
+        emit(TrainEvent("info", message="compiling the decoder layers (the first step takes ~20 s longer)"))
 
     def validate(step: int, epoch: float, elapsed_tokens: int) -> dict:
         with eager_layers(model):
@@ -611,8 +539,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                    "validation_loss": result["loss"], "validation_token_accuracy": result["accuracy"],
                    "validation_perplexity": result["perplexity"]}
             log(row)
-            emit({"type": "validation", "step": step, "validation_loss": result["loss"],
-                  "validation_token_accuracy": result["accuracy"], "perplexity": result["perplexity"]})
+            emit(TrainEvent("validation", step, metrics={k: v for k, v in row.items() if k != "step"}))
         return result
 
     before = state["before"] if "before" in state else validate(0, 0.0, 0)
@@ -630,7 +557,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                  "samples": sample_log[:n_samples], "before": before, "after": after, "best": best,
                  "device": str(device), "dtype": str(compute)}
         path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
-        emit({"type": "checkpoint", "step": step, "path": str(path)})
+        emit(TrainEvent("checkpoint", step, path=str(path)))
 
     bar = _Progress(total_steps, enabled=show_progress, done=step)
     status, busy = "succeeded", False
@@ -657,7 +584,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                         compiled = False
                         uncompile_layers(model)
                         opt.zero_grad(set_to_none=True)
-                        emit({"type": "info", "message": f"torch.compile failed ({type(err).__name__}); training uncompiled"})
+                        emit(TrainEvent("info", message=f"torch.compile failed ({type(err).__name__}); training uncompiled"))
                         result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
                     step += 1
                     done = (epoch, batch_in_epoch + 1)
@@ -669,7 +596,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                            "tokens_per_second": elapsed_tokens / seconds, "elapsed_seconds": seconds}
                     log(row)
                     busy = False
-                    emit({"type": "metrics", "total_steps": total_steps, **row})
+                    emit(TrainEvent("metrics", step, metrics={k: v for k, v in row.items() if k != "step"}, total_steps=total_steps))
                     bar.update(step, result["loss"], row["tokens_per_second"])
                     if cfg.save_every and step % cfg.save_every == 0:
                         checkpoint(step, *done)
@@ -699,7 +626,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
             checkpoint(step, *done)
         run.set_status("interrupted", step=step)
         _finish(run, cfg, before, None, time.perf_counter() - started, elapsed_tokens)
-        emit({"type": "done", "status": "interrupted", "path": str(run.path)})
+        emit(TrainEvent("done", step, status="interrupted", path=str(run.path)))
         raise
     bar.close()
     if status == "cancelled":
@@ -708,7 +635,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     final = after if status == "succeeded" else None  # a finished run ends with a validation
     run.set_status(status, step=step)
     _finish(run, cfg, before, final, seconds, elapsed_tokens)
-    emit({"type": "done", "status": status, "path": str(run.path)})
+    emit(TrainEvent("done", step, status=status, path=str(run.path)))
 
 
 class _DeferredInterrupt:
@@ -849,7 +776,7 @@ def load_checkpoint(run: Run, cfg: TrainConfig, model, opt, sched, device: str, 
             state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
             _load_weights(model, path / _weights_name(cfg), cfg)
         except Exception as err:  # a damaged checkpoint: an older one may still be whole
-            emit({"type": "info", "message": f"skipping checkpoint {path.name}: {type(err).__name__}: {err}"})
+            emit(TrainEvent("info", message=f"skipping checkpoint {path.name}: {type(err).__name__}: {err}"))
             continue
         for key, now in (("device", device), ("dtype", dtype)):
             if state.get(key, now) != now:
@@ -865,10 +792,10 @@ def load_checkpoint(run: Run, cfg: TrainConfig, model, opt, sched, device: str, 
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        emit({"type": "info", "message": f"resuming from {path.name} (step {state['step']}, epoch {state['epoch']}, "
-                                         f"{state['batch_in_epoch']} batches of it done)"})
+        emit(TrainEvent("info", message=f"resuming from {path.name} (step {state['step']}, epoch {state['epoch']}, "
+                                        f"{state['batch_in_epoch']} batches of it done)"))
         return state
-    emit({"type": "info", "message": "no checkpoint to resume from; training from the first step"})
+    emit(TrainEvent("info", message="no checkpoint to resume from; training from the first step"))
     return None
 
 
@@ -985,7 +912,14 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

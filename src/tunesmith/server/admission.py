@@ -22,7 +22,7 @@ class QueueFull(APIError):
 class Ticket:
     """One admitted request: ``await acquire()`` waits for a running slot; ``release()`` is idempotent."""
 
-    def __init__(self, queue: "GenerationQueue"):
+    def __init__(self, queue: GenerationQueue):
         self.queue = queue
         self.running = False
         self.released = False
@@ -39,7 +39,7 @@ class Ticket:
             self.queue._sem.release()
         self.queue.admitted -= 1
 
-    async def __aenter__(self) -> "Ticket":
+    async def __aenter__(self) -> Ticket:
         await self.acquire()
         return self
 

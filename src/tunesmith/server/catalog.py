@@ -75,7 +75,7 @@ class Catalog:
             rows.append({"id": job["fine_tuned_model"], "object": "model",
                          "created": job["finished_at"] or job["created_at"], "owned_by": "user",
                          "kind": "fine-tune", "parent": job["model"], "job": job["id"]})
-        for name, path, created in self.finished_runs():
+        for name, _path, created in self.finished_runs():
             rows.append({"id": name, "object": "model", "created": created, "owned_by": "user", "kind": "run"})
         return rows
 

@@ -15,9 +15,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import TunesmithError, reported
+from ..errors import TunesmithError, user_errors
 from .store import TERMINAL
-
 
 # ---------------------------------------------------------------------------------------------
 # serve
@@ -94,7 +93,7 @@ def serve_command(
         cache_bytes = parse_bytes(model_cache)
     except ValueError:
         typer.echo(f"error: --model-cache: cannot read {model_cache!r} as a size (try 4GiB)", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     config = ServerConfig(
         home=home(), api_key=api_key or None, max_running=max_running, max_waiting=max_waiting,
         cache_bytes=cache_bytes, max_tokens_cap=max_tokens, start_worker=not no_worker,
@@ -112,9 +111,6 @@ def serve_command(
 
 jobs_app = typer.Typer(help="Fine-tuning jobs of `tunesmith serve` (reads its database; no server needed).",
                        no_args_is_help=True)
-
-
-_friendly = reported
 
 
 def _store():
@@ -209,28 +205,28 @@ def follow_job(store, job_id: str, *, poll: float = 1.0, echo=print, timeout: fl
 
 
 @jobs_app.command("list")
-@_friendly
+@user_errors
 def jobs_list(limit: int = typer.Option(50, "--limit", "-n", min=1, help="How many, newest first.")) -> None:
     """List fine-tuning jobs, newest first."""
     typer.echo(list_jobs_text(_store(), limit))
 
 
 @jobs_app.command("show")
-@_friendly
+@user_errors
 def jobs_show(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Show one job: settings, status, model id and its latest events."""
     typer.echo(show_job_text(_store(), job_id))
 
 
 @jobs_app.command("follow")
-@_friendly
+@user_errors
 def jobs_follow(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Print a job's events live until it succeeds, fails or is cancelled (exit 1 unless it succeeded)."""
     store = _store()
     try:
         job = follow_job(store, job_id, echo=typer.echo)
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if job["status"] == "succeeded":
         typer.echo(f"succeeded: use model {job['fine_tuned_model']}")
         return
@@ -240,7 +236,7 @@ def jobs_follow(job_id: str = typer.Argument(..., help="Job id (or a unique pref
 
 
 @jobs_app.command("cancel")
-@_friendly
+@user_errors
 def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Cancel a queued job, or stop a running one after its current step (a checkpoint is kept)."""
     store = _store()
@@ -255,7 +251,7 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="Job id (or a unique pref
 
 
 @jobs_app.command("retry")
-@_friendly
+@user_errors
 def jobs_retry(job_id: str = typer.Argument(..., help="Job id (or a unique prefix of it).")) -> None:
     """Queue a failed or cancelled job again: it resumes from its last checkpoint (or trains from the
     start when it has none) once `tunesmith serve` runs."""

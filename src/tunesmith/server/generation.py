@@ -38,7 +38,7 @@ class TextFormat:
     chunk_fingerprint = False
 
     @staticmethod
-    def opening(gen: "Generation", index: int, prompt: str) -> list[dict]:
+    def opening(gen: Generation, index: int, prompt: str) -> list[dict]:
         return [{"text": prompt, "index": index, "logprobs": None, "finish_reason": None}] if gen.echo else []
 
     @staticmethod
@@ -46,7 +46,7 @@ class TextFormat:
         return [{"text": chunk.text, "index": index, "logprobs": None, "finish_reason": chunk.finish_reason}]
 
     @staticmethod
-    def choice(gen: "Generation", index: int, c, prompt: str, model) -> dict:
+    def choice(gen: Generation, index: int, c, prompt: str, model) -> dict:
         logprobs = None
         if gen.want_logprobs:
             offset = len(prompt) if gen.echo else 0
@@ -73,7 +73,7 @@ class ChatFormat:
     chunk_fingerprint = True
 
     @staticmethod
-    def opening(gen: "Generation", index: int, prompt: str) -> list[dict]:
+    def opening(gen: Generation, index: int, prompt: str) -> list[dict]:
         return [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]
 
@@ -87,7 +87,7 @@ class ChatFormat:
         return out
 
     @staticmethod
-    def choice(gen: "Generation", index: int, c, prompt: str, model) -> dict:
+    def choice(gen: Generation, index: int, c, prompt: str, model) -> dict:
         logprobs = None
         if gen.want_logprobs:
             content = []

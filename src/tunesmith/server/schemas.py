@@ -7,6 +7,15 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..config import SamplingConfig, TrainConfig, spec
+
+# Bounds come from the settings' one definition (tunesmith.config); OpenAI's own limits where tighter.
+_TEMPERATURE = spec(SamplingConfig, "temperature")
+_TOP_K = spec(SamplingConfig, "top_k")
+_REPETITION = spec(SamplingConfig, "repetition_penalty")
+_BLOCK = spec(TrainConfig, "block_size")
+_STEPS = spec(TrainConfig, "max_steps")
+
 
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -17,7 +26,7 @@ StopField = Union[str, list[str], None]
 
 class SamplingRequest(_Loose):
     model: str = Field(min_length=1, max_length=256)
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = Field(default=None, ge=_TEMPERATURE["min"], le=_TEMPERATURE["openai_max"])
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stop: StopField = None
@@ -27,8 +36,8 @@ class SamplingRequest(_Loose):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     # tunesmith extensions
-    top_k: int = Field(default=0, ge=0, le=1000)
-    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
+    top_k: int = Field(default=_TOP_K["default"], ge=_TOP_K["min"], le=_TOP_K["openai_max"])
+    repetition_penalty: float = Field(default=_REPETITION["default"], gt=_REPETITION["gt"], le=_REPETITION["max"])
 
 
 class CompletionRequest(SamplingRequest):
@@ -57,8 +66,8 @@ class Hyperparameters(_Loose):
     batch_size: Union[Literal["auto"], int, None] = "auto"
     learning_rate_multiplier: Union[Literal["auto"], float, None] = "auto"
     # tunesmith extensions
-    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    block_size: int | None = Field(default=None, ge=16, le=8192)
+    max_steps: int | None = Field(default=None, ge=_STEPS["min"], le=_STEPS["job_max"])
+    block_size: int | None = Field(default=None, ge=_BLOCK["min"], le=_BLOCK["max"])
 
 
 class JobRequest(_Loose):

@@ -22,10 +22,21 @@ import time
 import traceback
 from pathlib import Path
 
+from ..config import TrainConfig
+from ..events import JOB_METRIC_NAMES, TrainEvent
 from .lifeline import watch_parent
 from .store import Store, fine_tuned_model_id, mark_run_failed, restart_hint, resume_step
 
 POLL_SECONDS = 0.5
+
+
+# The metrics a job event carries, under their job names (events.JOB_METRIC_NAMES).
+JOB_STEP_METRICS = ("epoch", "training_loss", "training_token_accuracy", "elapsed_tokens", "tokens_per_second")
+JOB_VALIDATION_METRICS = ("validation_loss", "validation_token_accuracy", "validation_perplexity")
+
+
+def job_metrics(event: TrainEvent, names: tuple[str, ...]) -> dict:
+    return {JOB_METRIC_NAMES.get(name, name): event.metrics.get(name) for name in names}
 
 
 def _fmt(value, spec=".4f"):
@@ -36,8 +47,6 @@ def _learning_rate(multiplier: float | None, method: str = "lora") -> float | No
     """``learning_rate_multiplier`` scales tunesmith's default learning rate for the method."""
     if multiplier is None or float(multiplier) == 1.0:
         return None
-    from ..train import TrainConfig
-
     return float(TrainConfig(method=method).learning_rate) * float(multiplier)
 
 
@@ -64,28 +73,19 @@ class JobRunner:
             self._cancel = self.store.cancel_requested(self.job_id)
         return self._cancel
 
-    def on_event(self, event: dict) -> None:
+    def on_event(self, event: TrainEvent) -> None:
         try:
             self._on_event(event)
         except Exception:  # never let bookkeeping kill a training run
             traceback.print_exc()
 
-    def _on_event(self, event: dict) -> None:
-        kind = event.get("type")
+    def _on_event(self, event: TrainEvent) -> None:
         add = self.store.add_event
-        if kind == "info":
-            add(self.job_id, str(event.get("message", "")))
-        elif kind == "metrics":
-            self.step = int(event.get("step") or 0)
-            data = {
-                "step": self.step,
-                "total_steps": event.get("total_steps"),
-                "epoch": event.get("epoch"),
-                "train_loss": event.get("training_loss"),
-                "train_mean_token_accuracy": event.get("training_token_accuracy"),
-                "elapsed_tokens": event.get("elapsed_tokens"),
-                "tokens_per_second": event.get("tokens_per_second"),
-            }
+        if event.type == "info":
+            add(self.job_id, event.message or "")
+        elif event.type == "metrics":
+            self.step = int(event.step or 0)
+            data = {"step": self.step, "total_steps": event.total_steps, **job_metrics(event, JOB_STEP_METRICS)}
             self.last_train = data
             if isinstance(event.get("elapsed_tokens"), (int, float)):
                 self.trained_tokens = int(event["elapsed_tokens"])
@@ -93,19 +93,14 @@ class JobRunner:
             total = f"/{data['total_steps']}" if data["total_steps"] else ""
             add(self.job_id, f"Step {self.step}{total}: training loss={_fmt(data['train_loss'])}",
                 type="metrics", data=data)
-        elif kind == "validation":
-            step = int(event.get("step") or self.step)
-            data = {
-                "step": step,
-                "valid_loss": event.get("validation_loss"),
-                "valid_mean_token_accuracy": event.get("validation_token_accuracy"),
-                "perplexity": event.get("perplexity"),
-            }
+        elif event.type == "validation":
+            step = int(event.step if event.step is not None else self.step)
+            data = {"step": step, **job_metrics(event, JOB_VALIDATION_METRICS)}
             self.last_valid = data
             add(self.job_id, f"Step {step}: validation loss={_fmt(data['valid_loss'])}, "
-                f"perplexity={_fmt(data['perplexity'], '.2f')}", type="metrics", data=data)
-        elif kind == "checkpoint":
-            step = int(event.get("step") or self.step)
+                f"perplexity={_fmt(data['validation_perplexity'], '.2f')}", type="metrics", data=data)
+        elif event.type == "checkpoint":
+            step = int(event.step if event.step is not None else self.step)
             metrics = {"step": step}
             for key in ("train_loss", "train_mean_token_accuracy"):
                 if self.last_train.get(key) is not None:
@@ -113,10 +108,9 @@ class JobRunner:
             for key in ("valid_loss", "valid_mean_token_accuracy"):
                 if self.last_valid.get(key) is not None:
                     metrics[key] = self.last_valid[key]
-            self.store.add_checkpoint(self.job_id, step, str(event.get("path", "")), metrics)
+            self.store.add_checkpoint(self.job_id, step, event.path or "", metrics)
             add(self.job_id, f"Checkpoint saved at step {step}")
-        elif kind == "done":
-            pass  # the final status is recorded by run()
+        # "done": the final status is recorded by run()
 
     # -- the job --------------------------------------------------------------------------------
     def run(self) -> str:
@@ -149,21 +143,24 @@ class JobRunner:
                 run = train.resume(job["run_dir"], on_event=self.on_event, should_stop=self.should_stop,
                                    progress=False, samples=bool(hp.get("samples", False)))
             else:
-                run = train.finetune(
-                    file["path"],
-                    validation=validation,
+                config = TrainConfig(
                     base=job["model"],
-                    out=job["run_dir"],
                     epochs=int(hp["n_epochs"]),
                     lr=_learning_rate(hp.get("learning_rate_multiplier", 1.0)),
                     batch_size=int(hp["batch_size"]),
                     seed=int(job["seed"]),
+                    **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
+                )
+                run = train.finetune(
+                    file["path"],
+                    config,
+                    validation=validation,
+                    out=job["run_dir"],
                     overwrite=True,
                     on_event=self.on_event,
                     should_stop=self.should_stop,
                     progress=False,
                     samples=bool(hp.get("samples", False)),
-                    **{k: hp[k] for k in ("block_size", "max_steps") if hp.get(k) is not None},
                 )
         except TunesmithError as err:
             return self._fail("invalid_training_file" if err.file or err.line else "training_error",

@@ -402,6 +402,7 @@ async function pollJob() {
   badge($("#jd-status"), job.status);
   $("#jd-cancel").classList.toggle("hidden", TERMINAL.has(job.status));
   $("#jd-use").classList.toggle("hidden", job.status !== "succeeded");
+  // Job metrics carry OpenAI's names for the losses and accuracies (tunesmith/events.py, JOB_METRIC_NAMES).
   const train = metrics.data.filter((m) => m.train_loss !== undefined && m.train_loss !== null);
   const valid = metrics.data.filter((m) => m.valid_loss !== undefined && m.valid_loss !== null);
   const last = train[train.length - 1];

@@ -10,6 +10,7 @@ import secrets
 
 from fastapi import APIRouter, Depends, Query
 
+from ...config import TrainConfig, spec
 from ...policy import auto_hyperparameters
 from ..catalog import Catalog, check_model_id
 from ..config import ServerConfig
@@ -121,6 +122,7 @@ def resolve_hyperparameters(req: JobRequest, training_bytes: int) -> dict:
     if req.method is not None:
         hp.update(_method_hyperparameters(req.method))
     auto = auto_hyperparameters(training_bytes)
+    epochs, batch = spec(TrainConfig, "epochs"), spec(TrainConfig, "batch_size")
 
     def pick(name: str, default, lo, hi, kind):
         value = hp.get(name)
@@ -134,8 +136,8 @@ def resolve_hyperparameters(req: JobRequest, training_bytes: int) -> dict:
         return kind(value)
 
     out = {
-        "n_epochs": pick("n_epochs", auto.epochs, 1, 50, int),
-        "batch_size": pick("batch_size", auto.batch_size, 1, 256, int),
+        "n_epochs": pick("n_epochs", auto.epochs, epochs["min"], epochs["job_max"], int),
+        "batch_size": pick("batch_size", auto.batch_size, batch["min"], batch["job_max"], int),
         "learning_rate_multiplier": 1.0,  # auto: the policy's learning rate is the default one
     }
     lrm = hp.get("learning_rate_multiplier")

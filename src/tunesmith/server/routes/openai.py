@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from fastapi import APIRouter, Depends
 
+from ...config import SamplingConfig, spec
 from ...errors import TunesmithError
 from ..catalog import Catalog
 from ..config import ServerConfig
@@ -152,8 +153,8 @@ def sampling(req: SamplingRequest, stop: list[str]) -> dict:
     if rep == 1.0 and req.frequency_penalty:
         rep = 1.0 + max(0.0, float(req.frequency_penalty)) * 0.5  # a rough stand-in
     return {
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "temperature": spec(SamplingConfig, "temperature")["openai"] if req.temperature is None else req.temperature,
+        "top_p": SamplingConfig.top_p if req.top_p is None else req.top_p,
         "top_k": req.top_k,
         "repetition_penalty": rep,
         "stop": stop,

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
-from ... import __version__
+from ...version import __version__
 from ..config import ServerConfig
 from ..deps import get_config
 from ..errors import APIError
