@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from .atomic import write_json
-from .home import home
 from .config import TrainConfig, with_overrides
+from .home import home
 
 CALIBRATION_FORMAT = 2  # part of the cache key: older entries lack fields this module reads
 CALIBRATION_PROMPT = "It was a cold night, and the wind came down from the hills over the town"
