@@ -56,7 +56,10 @@ def load_source(source: str | Path) -> Source:
             )
         base = run.config.get("base", "")
         try:
-            base_path = models.resolve(base)
+            if run.config.get("method", "lora") == "full":  # full weights need no base
+                base_path = Path(run.config.get("base_path", ""))
+            else:
+                base_path = models.resolve(base)
         except TunesmithError as exc:
             raise TunesmithError(
                 f"this run's base model '{base}' cannot be found: {exc.message}",
