@@ -321,6 +321,17 @@ class TestRealModelInLlamaCpp:
         diff = (theirs - expected).abs().max().item()
         assert top1 >= 0.95 and diff < 1.0, (top1, diff)
 
+    def test_f16_loads_back_through_transformers_gguf_reader(self, files, ours):
+        """The bundled base arrives as GGUF through this reader: the export closes the round trip."""
+        from transformers import AutoModelForCausalLM
+
+        path = files["f16"]
+        back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        ids = ours.tokenizer.encode(PROMPT, add_special_tokens=False)
+        theirs, expected = _logits(back, ids), _logits(ours.model, ids)
+        assert (theirs.argmax(-1) == expected.argmax(-1)).all()
+        torch.testing.assert_close(theirs, expected, atol=0.1, rtol=0)
+
     def test_chat_template_renders_the_same_prompt(self, files, ours):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
