@@ -242,12 +242,27 @@ def test_a_full_disk_leaves_nothing_at_the_output_path(tiny_run, tmp_path, monke
 
 
 def _llama(path, **kwargs):
+    """llama.cpp on the file, with weights used as stored: its CPU weight repacking ("extra buffer
+    types", AMX/AVX-512 layouts) crashes on some CPUs (this project's AMX machine among them) even
+    for llama.cpp's own GGUF files, and it changes only the memory layout, not what the file says."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=512, verbose=False, **kwargs)
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def as_stored():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = as_stored
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=512, verbose=False, **kwargs)
+    finally:
+        low.llama_model_default_params = default
 
 
 def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
-    """Greedy decoding by argmax over llama.cpp's logits, no sampler settings involved."""
+    """Greedy decoding by argmax over llama.cpp's logits (``llm`` made with logits_all=True), no sampler involved."""
     llm.reset()
     llm.eval(ids)
     out = []
@@ -280,29 +295,33 @@ def test_llama_cpp_runs_a_tiny_fine_tune_exactly(tiny_run, tmp_path):
     assert _llama_greedy(llm, ids, 32) == _ours_greedy(ours, ids, 32)
 
 
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, real_base_dir):
+    """The bundled SmolLM2-135M exported as it is."""
+    pytest.importorskip("llama_cpp")
+    root = tmp_path_factory.mktemp("real-export")
+    return {q: export("smollm2-135m", format="gguf", quant=q, out=root / f"smol-{q}.gguf") for q in ("f16", "bf16", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def ours(real_base_dir):
+    return load("smollm2-135m", dtype="fp32")
+
+
 @pytest.mark.real_model
 class TestRealModelInLlamaCpp:
     """The bundled SmolLM2-135M exported as it is, run by llama.cpp."""
-
-    @pytest.fixture(scope="class")
-    def files(self, tmp_path_factory, real_base_dir):
-        pytest.importorskip("llama_cpp")
-        root = tmp_path_factory.mktemp("real-export")
-        return {q: export("smollm2-135m", format="gguf", quant=q, out=root / f"smol-{q}.gguf") for q in ("f16", "q8_0")}
-
-    @pytest.fixture(scope="class")
-    def ours(self, real_base_dir):
-        return load("smollm2-135m", dtype="fp32")
 
     def test_same_token_ids_as_our_tokenizer(self, files, ours):
         llm = _llama(files["q8_0"], vocab_only=True)
         for text in TRICKY:
             expected = ours.tokenizer.encode(text, add_special_tokens=False)
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
-            assert llm.detokenize(expected).decode() == text
+            assert llm.detokenize(expected, special=True).decode() == text
 
-    def test_f16_greedy_text_is_ours(self, files, ours):
-        llm = _llama(files["f16"])
+    @pytest.mark.parametrize("quant", ["f16", "bf16"])
+    def test_greedy_text_is_ours(self, files, ours, quant):
+        llm = _llama(files[quant], logits_all=True)
         ids = ours.tokenizer.encode(PROMPT, add_special_tokens=False)
         theirs = _llama_greedy(llm, ids, 40)
         expected = ours.generate(PROMPT, max_tokens=40, temperature=0)[0]
@@ -310,7 +329,9 @@ class TestRealModelInLlamaCpp:
         assert ours.tokenizer.decode(theirs) == expected.text
 
     def test_q8_0_logits_within_the_stated_error(self, files, ours):
-        """Measured on this text: max |diff| ~0.3 over 49152 logits, top-1 agreement 100%."""
+        """q8_0 against the fp32 original, 101 tokens of TEXT, measured with llama.cpp 0.3.36's CPU
+        backend: top-1 agreement 97%, mean KL 0.004 nats/token, mean |diff| 0.21, max |diff| 1.77
+        (f16: 100%, 3e-6, 0.007, 0.05). The bounds leave room for other CPUs' kernels."""
         llm = _llama(files["q8_0"], logits_all=True)
         ids = ours.tokenizer.encode(TEXT[:400], add_special_tokens=False)
         llm.reset()
@@ -318,8 +339,11 @@ class TestRealModelInLlamaCpp:
         theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
         expected = _logits(ours.model, ids)
         top1 = (theirs.argmax(-1) == expected.argmax(-1)).float().mean().item()
-        diff = (theirs - expected).abs().max().item()
-        assert top1 >= 0.95 and diff < 1.0, (top1, diff)
+        kl = torch.nn.functional.kl_div(
+            theirs.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1).mean().item()
+        diff = (theirs - expected).abs()
+        assert top1 >= 0.93 and kl < 0.01 and diff.mean() < 0.3 and diff.max() < 3.0, (top1, kl, diff.mean(), diff.max())
 
     def test_f16_loads_back_through_transformers_gguf_reader(self, files, ours):
         """The bundled base arrives as GGUF through this reader: the export closes the round trip."""
