@@ -487,6 +487,29 @@ def eval_command(
     out.print(f"wrote {run / 'eval.json'}, eval.md, eval.png  ({result['seconds']:.0f} s)")
 
 
+@app.command()
+@user_errors
+def export(
+    source: str = typer.Argument(..., help="a run dir (LoRA merged into its base) or a base model"),
+    format: str = typer.Option(..., "--format", help="hf (a transformers directory) or gguf (one file for llama.cpp/Ollama)"),
+    out_path: Path = typer.Option(..., "--out", help="output directory (hf) or FILE.gguf"),
+    quant: Optional[str] = typer.Option(None, help="gguf: f16 (default), bf16, q8_0, f32; hf: f32 (default), bf16, f16"),
+    ollama: bool = typer.Option(False, "--ollama", help="gguf: also write an Ollama Modelfile beside the file"),
+    overwrite: bool = typer.Option(False, help="replace an earlier export at --out"),
+) -> None:
+    """Export a run or a base model for transformers, llama.cpp, Ollama or LM Studio."""
+    from .export import export as export_api
+
+    done = export_api(source, format=format, out=out_path, quant=quant, overwrite=overwrite, ollama=ollama)
+    out.print(f"wrote [bold]{done}[/]")
+    if format == "gguf":
+        out.print(f'try: llama-cli -m {done} -p "Once upon a time" -n 64')
+        if ollama:
+            out.print(f"     ollama create {Path(done).stem} -f {Path(done).with_name('Modelfile')}")
+    else:
+        out.print(f"try: AutoModelForCausalLM.from_pretrained({str(done)!r})")
+
+
 def _mount_server() -> None:
     from .server.commands import jobs_app, serve_command
 
