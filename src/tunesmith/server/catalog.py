@@ -17,7 +17,8 @@ from pathlib import Path
 from ..models import list_models
 from ..rundir import Run, is_run_dir
 from .errors import APIError
-from .store import JOB_ID_RE, Store, checkpoint_model_id
+from .objects import checkpoint_model_id
+from .store import JOB_ID_RE, Store
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 CHECKPOINT_ID_RE = re.compile(r"^ft:.+:(ftjob-[0-9a-f]{24}):ckpt-step-([0-9]{1,9})$")

@@ -23,66 +23,11 @@ from typing import Any, Iterator
 
 from ..home import home
 from ..rundir import Run, is_run_dir
+from .schema import SCHEMA
 
 FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24}$")
 JOB_ID_RE = re.compile(r"^ftjob-[0-9a-f]{24}$")
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    filename TEXT NOT NULL,
-    path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    purpose TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    model TEXT NOT NULL,
-    training_file TEXT NOT NULL,
-    validation_file TEXT,
-    suffix TEXT,
-    seed INTEGER NOT NULL,
-    hyperparameters TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    queued_at REAL NOT NULL,
-    started_at INTEGER,
-    finished_at INTEGER,
-    fine_tuned_model TEXT,
-    error TEXT,
-    trained_tokens INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    worker_pid INTEGER,
-    run_dir TEXT NOT NULL,
-    metadata TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, queued_at, seq);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    job_id TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    level TEXT NOT NULL,
-    type TEXT NOT NULL,
-    message TEXT NOT NULL,
-    data TEXT
-);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    job_id TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    metrics TEXT
-);
-CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job_id, step);
-"""
 
 
 def new_id(prefix: str) -> str:
@@ -101,6 +46,7 @@ def resume_step(run_dir: str | Path) -> int | None:
     """The step a job's unfinished run would resume from (its newest checkpoint), or None when
     there is nothing to resume and the job trains from the start."""
     from ..rundir import Run, is_run_dir
+from .schema import SCHEMA
 
     if not is_run_dir(run_dir):
         return None
@@ -479,62 +425,4 @@ def _event_row(row: sqlite3.Row) -> dict:
         "message": row["message"],
         "data": json.loads(row["data"]) if row["data"] else {},
         "type": row["type"],
-    }
-
-
-def file_object(row: dict) -> dict:
-    return {
-        "id": row["id"],
-        "object": "file",
-        "bytes": row["bytes"],
-        "created_at": row["created_at"],
-        "filename": row["filename"],
-        "purpose": row["purpose"],
-        "status": "processed",
-        "status_details": None,
-        "expires_at": None,
-    }
-
-
-def job_object(job: dict) -> dict:
-    hp = job["hyperparameters"]
-    public_hp = {k: hp.get(k) for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
-    return {
-        "object": "fine_tuning.job",
-        "id": job["id"],
-        "model": job["model"],
-        "created_at": job["created_at"],
-        "finished_at": job["finished_at"],
-        "fine_tuned_model": job["fine_tuned_model"],
-        "organization_id": "org-tunesmith",
-        "result_files": [],
-        "status": job["status"],
-        "validation_file": job["validation_file"],
-        "training_file": job["training_file"],
-        "hyperparameters": public_hp,
-        "trained_tokens": job["trained_tokens"],
-        "error": job["error"],
-        "user_provided_suffix": job["suffix"],
-        "seed": job["seed"],
-        "estimated_finish": None,
-        "integrations": [],
-        "metadata": job["metadata"],
-        "method": {"type": "supervised", "supervised": {"hyperparameters": public_hp}},
-    }
-
-
-def checkpoint_model_id(job: dict, step: int) -> str:
-    base = job["fine_tuned_model"] or fine_tuned_model_id(job["model"], job["suffix"], job["id"])
-    return f"{base}:ckpt-step-{step}"
-
-
-def checkpoint_object(job: dict, row: dict) -> dict:
-    return {
-        "object": "fine_tuning.job.checkpoint",
-        "id": row["id"],
-        "created_at": row["created_at"],
-        "fine_tuned_model_checkpoint": checkpoint_model_id(job, row["step"]),
-        "fine_tuning_job_id": job["id"],
-        "metrics": row["metrics"],
-        "step_number": row["step"],
     }

@@ -14,7 +14,8 @@ from ...errors import TunesmithError
 from ..config import ServerConfig
 from ..deps import get_config, get_store
 from ..errors import APIError
-from ..store import FILE_ID_RE, Store, file_object, new_id
+from ..objects import file_object
+from ..store import FILE_ID_RE, Store, new_id
 
 EXT_RE = re.compile(r"^\.[a-z0-9]{1,10}$")
 

@@ -16,8 +16,9 @@ from ..catalog import Catalog, check_model_id
 from ..config import ServerConfig
 from ..deps import get_catalog, get_config, get_store, get_supervisor
 from ..errors import APIError
+from ..objects import checkpoint_object, job_object
 from ..schemas import Hyperparameters, JobRequest
-from ..store import FILE_ID_RE, JOB_ID_RE, Store, checkpoint_object, job_object
+from ..store import FILE_ID_RE, JOB_ID_RE, Store
 from ..supervisor import Supervisor
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
