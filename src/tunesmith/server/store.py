@@ -45,8 +45,6 @@ def restart_hint(job_id: str) -> str:
 def resume_step(run_dir: str | Path) -> int | None:
     """The step a job's unfinished run would resume from (its newest checkpoint), or None when
     there is nothing to resume and the job trains from the start."""
-    from ..rundir import Run, is_run_dir
-from .schema import SCHEMA
 
     if not is_run_dir(run_dir):
         return None
