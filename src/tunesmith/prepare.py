@@ -97,14 +97,8 @@ def prepare(
     corpus = read_records(path, known_word=_Lexicon(get_tokenizer))
     _check_output(out_dir, overwrite)
     tokenizer = get_tokenizer()
-    counter = _TokenCounter(tokenizer, block_size - 1)
     stats: dict[str, int] = {"split": 0, "word_split": 0, "truncated": 0, "empty": 0}
-    if corpus.format == "book":
-        rows, tokens = _book_examples(corpus, counter, stats)
-    elif corpus.format == "text":
-        rows, tokens = _text_examples(corpus, counter, stats)
-    else:
-        rows, tokens = _pair_examples(corpus, tokenizer, counter, stats)
+    rows, tokens = _examples(corpus, tokenizer, block_size, stats)
     if not rows:
         raise TunesmithError(
             "no usable examples: every record is empty", file=path, hint="every example needs some text"
@@ -114,14 +108,7 @@ def prepare(
     else:
         duplicates = len(rows) - len({normalised_key(row) for row in rows})
     built, built_tokens = len(rows), sum(tokens)
-    keep = max(1, round(len(rows) * fraction))
-    rows, tokens = rows[:keep], tokens[:keep]
-    if max_tokens is not None:
-        total, keep = 0, 0
-        while keep < len(rows) and (keep == 0 or total + tokens[keep] <= max_tokens):
-            total += tokens[keep]
-            keep += 1
-        rows, tokens = rows[:keep], tokens[:keep]
+    rows, tokens = _first_part(rows, tokens, fraction, max_tokens)
     valid_ids = _valid_indices([normalised_key(row) for row in rows], valid_fraction, seed)
     train = [row for i, row in enumerate(rows) if i not in valid_ids]
     valid = [row for i, row in enumerate(rows) if i in valid_ids]
@@ -136,7 +123,46 @@ def prepare(
         corpus, rows, tokens, stats, duplicates, dedupe, built, built_tokens, settings, tokenizer, block_size,
         len(valid),
     )
-    report = {
+    report = _report(path, out_dir, corpus, base, block_size, settings, train, valid, tokens, rows, checks,
+                     (train_tokens, valid_tokens))
+    result = Prepared(dir=out_dir, report=report, train=train, valid=valid)
+    if estimate:
+        try:
+            report["estimate"] = estimate(result)
+        except TunesmithError as exc:  # e.g. the base model is not installed: prepare anyway
+            checks.append(_check("estimate", "warning", f"no training-time estimate: {exc.message}"))
+    _write(out_dir, overwrite, train, valid, report)
+    return result
+
+
+def _examples(corpus: Corpus, tokenizer: Any, block_size: int, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+    """The examples of ``corpus`` and their token counts, each fitting a block."""
+    counter = _TokenCounter(tokenizer, block_size - 1)
+    if corpus.format == "book":
+        return _book_examples(corpus, counter, stats)
+    if corpus.format == "text":
+        return _text_examples(corpus, counter, stats)
+    return _pair_examples(corpus, tokenizer, counter, stats)
+
+
+def _first_part(rows: list[dict], tokens: list[int], fraction: float, max_tokens: int | None):
+    """The first ``fraction`` of the examples, then as many as fit ``max_tokens`` (at least one)."""
+    keep = max(1, round(len(rows) * fraction))
+    rows, tokens = rows[:keep], tokens[:keep]
+    if max_tokens is not None:
+        total, keep = 0, 0
+        while keep < len(rows) and (keep == 0 or total + tokens[keep] <= max_tokens):
+            total += tokens[keep]
+            keep += 1
+        rows, tokens = rows[:keep], tokens[:keep]
+    return rows, tokens
+
+
+def _report(path: Path, out_dir: Path, corpus: Corpus, base: Any, block_size: int, settings: dict,
+            train: list[dict], valid: list[dict], tokens: list[int], rows: list[dict], checks: list[dict],
+            split_tokens: tuple[int, int]) -> dict:
+    train_tokens, valid_tokens = split_tokens
+    return {
         "source": str(path.resolve()),
         "output": str(out_dir.resolve()),
         "format": corpus.format,
@@ -155,14 +181,6 @@ def prepare(
         "fixes": list(corpus.fixes),
         "estimate": None,
     }
-    result = Prepared(dir=out_dir, report=report, train=train, valid=valid)
-    if estimate:
-        try:
-            report["estimate"] = estimate(result)
-        except TunesmithError as exc:  # e.g. the base model is not installed: prepare anyway
-            checks.append(_check("estimate", "warning", f"no training-time estimate: {exc.message}"))
-    _write(out_dir, overwrite, train, valid, report)
-    return result
 
 
 def load_prepared(path: str | Path) -> Prepared:
