@@ -230,6 +230,11 @@ def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool
 
 def _done(run) -> None:
     out.print(f"\n[bold green]done[/]: {escape(str(run.path))}  (status {run.status})")
+    from .watch import best_epoch_note
+
+    best = best_epoch_note(run.path)
+    if best:
+        out.print(best, markup=False, highlight=False, soft_wrap=True)
     out.print(f"try: tunesmith generate {shlex.quote(str(run.path))} 'Your prompt'", markup=False, highlight=False, soft_wrap=True)
 
 
