@@ -388,6 +388,27 @@ def demo(
     out.print(f"run: {result.run_dir}  (samples.md, loss.png, metrics.jsonl)")
 
 
+@app.command("eval")
+@user_errors
+def eval_command(
+    run: Path = typer.Argument(..., help="a run directory"),
+    quick: bool = typer.Option(False, "--quick", help="fewer samples (2,500 words a side) and probe windows"),
+    seed: int = typer.Option(0, help="seed of the samples, probe windows and bootstrap"),
+    words: Optional[int] = typer.Option(None, help="words of samples per model (default 5,000; 2,500 with --quick)"),
+    probe: Optional[int] = typer.Option(None, help="extraction-probe windows (default 64; 16 with --quick)"),
+    min_tokens: int = typer.Option(12, help="the shortest span that counts as copied, in tokens"),
+) -> None:
+    """Does it copy the book, and does it sound like the author? Base vs fine-tuned vs held-out text."""
+    from .evaluate import EvalSettings, evaluate_run, rich_table
+
+    settings = EvalSettings.make(quick, seed=seed, words=words, probe_windows=probe, min_tokens=min_tokens)
+    result = evaluate_run(run, settings, quick=quick, say=lambda s: err.print(s, style="dim", highlight=False, markup=False))
+    out.print(rich_table(result))
+    for warning in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    out.print(f"wrote {run / 'eval.json'}, eval.md, eval.png  ({result['seconds']:.0f} s)")
+
+
 def _mount_server() -> None:
     try:
         from .server.commands import jobs_app, serve_command
