@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from test_evaluate import prose
 from typer.testing import CliRunner
 
-from test_evaluate import prose
 from tunesmith.evaluate import EvalSettings
 
 

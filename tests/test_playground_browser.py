@@ -155,7 +155,6 @@ class InProcessServer:
 
     def __init__(self, app):
         import uvicorn
-
         from test_server_live import free_port
 
         self.port = free_port()
@@ -166,7 +165,7 @@ class InProcessServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "InProcessServer":
+    def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -179,9 +178,10 @@ class InProcessServer:
         self.thread.join(timeout=10)
 
 
-def test_playground_marks_copied_text_and_says_where_it_is_from(browser, tunesmith_home, sherlock, artifacts):
+def test_playground_marks_copied_text_and_says_where_it_is_from(browser, tunesmith_home, sherlock, artifacts):  # noqa: F811
     from test_copies import OWN, SWANDAM
     from test_server_api import CopyingModel, book_run
+
     from tunesmith.server.app import ServerConfig, create_app
     from tunesmith.server.models_cache import ModelCache
 

@@ -11,13 +11,12 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from test_copies import sherlock  # noqa: F401 - the prepared book, a fixture
 
 from tunesmith.generate import Completion
 from tunesmith.server.app import ServerConfig, create_app
 from tunesmith.server.models_cache import ModelCache
 from tunesmith.server.store import FILE_ID_RE, JOB_ID_RE
-
-from test_copies import sherlock  # noqa: F401 - the prepared book, a fixture
 
 TEXT = ("The lamplighter walked the length of the harbour wall each evening, and the gulls followed him "
         "as if he carried bread instead of fire.\n\n") * 12
@@ -431,7 +430,7 @@ def _sse_chunks(client, route: str, body: dict) -> list[dict]:
 
 
 @pytest.fixture()
-def copying_client(tunesmith_home, sherlock):
+def copying_client(tunesmith_home, sherlock):  # noqa: F811 - the fixture imported above
     from test_copies import OWN, SWANDAM
 
     flat = " ".join(SWANDAM.split())

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import TEXT, TINY
 from typer.testing import CliRunner
 
 from tunesmith import finetune
 from tunesmith.watch import EpochWatch, best_epoch, epoch_losses, overfitting_warning
-
-from test_train import TEXT, TINY
 
 
 def _rows(epochs: list[tuple[list[float], float]], steps_per_epoch: int = 2) -> list[dict]:

@@ -9,9 +9,9 @@ and ``tunesmith eval`` find it ready afterwards.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
-
-from typing import Callable
 
 from .copies import NOVELTY_NS, CopyIndex
 from .errors import TunesmithError
@@ -91,10 +91,10 @@ def epoch_losses(metrics: list[dict]) -> list[dict]:
     train: dict[int, list[float]] = {}
     for row in metrics:
         if row.get("training_loss") is not None:
-            epoch = max(1, -int(-float(row["epoch"]) // 1))  # a step ending at epoch 1.0 belongs to epoch 1
+            epoch = max(1, math.ceil(float(row["epoch"])))  # a step ending at epoch 1.0 belongs to epoch 1
             train.setdefault(epoch, []).append(float(row["training_loss"]))
         elif row.get("validation_loss") is not None and row.get("step", 0) > 0:
-            epoch = int(round(float(row["epoch"])))
+            epoch = round(float(row["epoch"]))
             losses = train.get(epoch)
             if losses and (not out or out[-1]["epoch"] != epoch):
                 out.append({"epoch": epoch, "training_loss": sum(losses) / len(losses),
