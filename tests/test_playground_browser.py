@@ -4,8 +4,11 @@ the API-key field, and a narrow (phone) layout. Screenshots go to test-artifacts
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
+from test_copies import sherlock  # noqa: F401 - the prepared book, a fixture
 from test_server_live import LiveServer, story
 
 CHROMIUM = "/usr/bin/chromium"
@@ -144,3 +147,86 @@ def test_playground_asks_for_the_api_key(browser, tunesmith_home, artifacts):
         page.close()
     finally:
         server.stop()
+
+
+class InProcessServer:
+    """The app served by uvicorn in a thread of this process, so that a test can give it a model."""
+
+    def __init__(self, app):
+        import uvicorn
+        from test_server_live import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_playground_marks_copied_text_and_says_where_it_is_from(browser, tunesmith_home, sherlock, artifacts):  # noqa: F811
+    from test_copies import OWN, SWANDAM
+    from test_server_api import CopyingModel, book_run
+
+    from tunesmith.server.app import ServerConfig, create_app
+    from tunesmith.server.models_cache import ModelCache
+
+    flat = " ".join(SWANDAM.split())
+    book_run(tunesmith_home, sherlock)
+    cache = ModelCache(loader=lambda source: CopyingModel(f"{OWN[0]} {flat} {OWN[1]}"), sizer=lambda m: 1)
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, model_cache=cache))
+    where = "sherlock.txt, lines 5205\u20135209 (ADVENTURE VI. THE MAN WITH THE TWISTED LIP)"  # test_copies.PLANTED
+    with InProcessServer(app) as server:
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url + "/")
+        page.wait_for_function("() => [...document.querySelectorAll('#model option')].some(o => o.value === 'sherlock-run')")
+        page.select_option("#model", "tiny-llama")
+        assert page.is_disabled("#check-copying") and "base model" in page.inner_text("#copying-hint")
+        page.select_option("#model", "sherlock-run")
+        assert page.is_enabled("#check-copying")
+        page.check("#check-copying")
+        page.fill("#prompt", "Once")
+        page.click("#generate")
+        page.wait_for_selector("#gen-text mark.copied")
+        page.wait_for_function("() => !document.querySelector('#generate').disabled")
+        marks = page.query_selector_all("#gen-text mark.copied")
+        assert [m.text_content() for m in marks] == [flat]
+        assert page.text_content("#gen-text") == f"{OWN[0]} {flat} {OWN[1]}"  # the text itself is unchanged
+        assert marks[0].get_attribute("data-source").startswith(f"Copied from {where} \u2014 {len(flat.split())} words")
+        assert "copied" in page.inner_text("#write-stats") and "sherlock.txt" in page.inner_text("#write-stats")
+        marks[0].hover()
+        tooltip = page.evaluate("() => getComputedStyle(document.querySelector('mark.copied'), '::after').content")
+        assert where in tooltip
+        page.screenshot(path=str(artifacts / "playground-copies.png"), full_page=True)
+
+        page.click("#tab-chat")
+        page.fill("#chat-input", "Tell me about London.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_selector(".msg.assistant mark.copied")
+        assert page.text_content(".msg.assistant mark.copied") == flat
+        assert "copied" in page.inner_text(".msg.assistant .msg-note")
+        page.screenshot(path=str(artifacts / "playground-copies-chat.png"), full_page=True)
+
+        page.uncheck("#check-copying")  # off: plain text, no marks
+        page.click("#tab-write")
+        page.click("#generate")
+        page.wait_for_function("() => !document.querySelector('#generate').disabled && "
+                               "document.querySelector('#gen-text').textContent.length > 0")
+        assert page.query_selector_all("#gen-text mark.copied") == []
+        assert not errors, errors
+        page.close()

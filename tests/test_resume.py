@@ -78,7 +78,9 @@ def _kill_at_random_step(book: Path, out: Path, options: dict, total_steps: int,
 
 
 def _rows(run: Run) -> list[dict]:
-    return [{k: row[k] for k in COMPUTED if k in row} for row in run.metrics()]
+    """The computed figures of each row; rows of sample figures are left out (a resumed run writes
+    samples, the reference here does not)."""
+    return [{k: row[k] for k in COMPUTED if k in row} for row in run.metrics() if "samples_copy_rate" not in row]
 
 
 def _weights(path: Path) -> dict:

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from test_copies import sherlock  # noqa: F401 - the prepared book, a fixture
 
 from tunesmith.generate import Completion
 from tunesmith.server.app import ServerConfig, create_app
@@ -374,3 +375,145 @@ def test_checkpoint_ids_are_served_as_models(client, tunesmith_home):
     assert err["param"] == "model"
     other = "ft:tiny-llama:zz:" + job["id"] + ":ckpt-step-2"  # the right job and step under another name
     assert _error(client.get(f"/v1/models/{other}"), 404)["code"] == "model_not_found"
+
+
+# --- copied spans in the tunesmith extension field ---------------------------------------------
+
+
+class CopyingModel:
+    """Stands in for a fine-tuned model whose every generation is the same text."""
+
+    context_length = 2048
+    tokenizer = None
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]
+
+    def generate(self, prompt, *, n=1, logprobs=None, **kw):
+        return [Completion(text=self.text, finish_reason="length", prompt_tokens=1,
+                           completion_tokens=len(self.text.split()))] * n
+
+    def stream(self, prompt, **kw):
+        from tunesmith.generate import Chunk
+
+        words = self.text.split(" ")
+        for i, word in enumerate(words):
+            last = i == len(words) - 1
+            yield Chunk(word if last else word + " ", "length" if last else None, len(words) if last else 0)
+
+
+def book_run(home, prepared, name: str = "sherlock-run"):
+    """A finished run under ``home/runs`` whose training text is the prepared book."""
+    import shutil
+
+    run = home / "runs" / name
+    (run / "data").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"tunesmith_run": 1, "base": "tiny-llama"}))
+    (run / "status.json").write_text(json.dumps({"status": "succeeded"}))
+    for file in ("train.jsonl", "report.json"):
+        shutil.copy(prepared / file, run / "data" / file)
+    return run
+
+
+def _sse_chunks(client, route: str, body: dict) -> list[dict]:
+    with client.stream("POST", route, json=body) as resp:
+        assert resp.status_code == 200, resp.read()
+        raw = "".join(resp.iter_text())
+    blocks = [b for b in raw.split("\n\n") if b]
+    assert blocks[-1] == "data: [DONE]"
+    return [json.loads(b[6:]) for b in blocks[:-1]]
+
+
+@pytest.fixture()
+def copying_client(tunesmith_home, sherlock):  # noqa: F811 - the fixture imported above
+    from test_copies import OWN, SWANDAM
+
+    flat = " ".join(SWANDAM.split())
+    text = f"{OWN[0]} {flat} {OWN[1]}"
+    book_run(tunesmith_home, sherlock)
+    cache = ModelCache(loader=lambda source: CopyingModel(text), sizer=lambda m: 1)
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, model_cache=cache))
+    with TestClient(app) as c:
+        yield c, text, flat
+
+
+def test_copied_spans_come_back_in_the_tunesmith_field(copying_client):
+    from test_copies import OWN
+
+    client, text, flat = copying_client
+    check = {"check_copying": True}
+    body = {"model": "sherlock-run", "prompt": "Once", "max_tokens": 50, "tunesmith": check}
+    data = client.post("/v1/completions", json=body).json()
+    choice = data["choices"][0]
+    assert choice["text"] == text
+    copying = choice["tunesmith"]["copying"]
+    (span,) = copying["spans"]
+    assert span["text"] == flat and choice["text"][span["start"]:span["end"]] == flat
+    assert span["start"] == len(OWN[0]) + 1 and span["n_words"] == len(flat.split()) and span["count"] == 1
+    where = span["locations"][0]
+    # read off sherlock.txt by hand (test_copies.PLANTED)
+    assert (where["file"], where["line"], where["end_line"]) == ("sherlock.txt", 5205, 5209)
+    assert where["heading"] == "ADVENTURE VI. THE MAN WITH THE TWISTED LIP"
+    assert copying["longest"] == span and copying["min_tokens"] == 12
+    share = span["n_tokens"] / copying["n_tokens"]  # one span: the copy rate is its share of the tokens
+    assert copying["copy_rate"] == pytest.approx(share) and 0.4 < share < 0.9
+    assert set(copying["novelty"]) == {"4", "8", "16", "32"} and 0 < copying["novelty"]["32"] < 1
+
+    # without the option there is no extension field; with echo the offsets count the prompt too
+    assert "tunesmith" not in client.post("/v1/completions", json={**body, "tunesmith": None}).json()["choices"][0]
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    (span,) = echoed["tunesmith"]["copying"]["spans"]
+    assert echoed["text"].startswith("Once") and echoed["text"][span["start"]:span["end"]] == flat
+    # a higher threshold than the span: nothing counts as copied
+    none = client.post("/v1/completions", json={**body, "tunesmith": {**check, "min_tokens": 500}}).json()
+    assert none["choices"][0]["tunesmith"]["copying"]["spans"] == []
+    assert none["choices"][0]["tunesmith"]["copying"]["copy_rate"] == 0
+
+    # chat: each choice's copies in the message's choice
+    chat = {"model": "sherlock-run", "messages": [{"role": "user", "content": "Tell me"}], "n": 2, "tunesmith": check}
+    choices = client.post("/v1/chat/completions", json=chat).json()["choices"]
+    assert [c["tunesmith"]["copying"]["spans"][0]["text"] for c in choices] == [flat, flat]
+    assert client.app.state.copies.opens == 1  # one index, opened once for all these requests
+
+
+def test_streamed_copies_come_in_the_last_chunk_of_each_choice(copying_client):
+    client, text, flat = copying_client
+    chat = {"model": "sherlock-run", "messages": [{"role": "user", "content": "Tell me"}], "n": 2, "stream": True,
+            "tunesmith": {"check_copying": True}}
+    chunks = _sse_chunks(client, "/v1/chat/completions", chat)
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        content = "".join(c["delta"].get("content", "") for c in mine)
+        assert content == text
+        assert [("tunesmith" in c) for c in mine] == [False] * (len(mine) - 1) + [True]
+        assert mine[-1]["finish_reason"] == "length"
+        (span,) = mine[-1]["tunesmith"]["copying"]["spans"]
+        assert content[span["start"]:span["end"]] == flat
+    body = {"model": "sherlock-run", "prompt": "Once", "max_tokens": 50, "stream": True, "echo": True,
+            "tunesmith": {"check_copying": True}}
+    pieces = [c["choices"][0] for c in _sse_chunks(client, "/v1/completions", body)]
+    whole = "".join(p["text"] for p in pieces)
+    (span,) = pieces[-1]["tunesmith"]["copying"]["spans"]
+    assert whole == "Once" + text and whole[span["start"]:span["end"]] == flat
+    assert client.app.state.queue.admitted == 0
+
+
+def test_checking_copies_needs_a_model_with_training_text(copying_client, tunesmith_home):
+    client, _, _ = copying_client
+    body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 2, "tunesmith": {"check_copying": True}}
+    err = _error(client.post("/v1/completions", json=body), 400)
+    assert err["param"] == "tunesmith.check_copying" and "'tiny-llama' is a base model" in err["message"]
+    err = _error(client.post("/v1/completions", json={**body, "tunesmith": {"check_copyng": True}}), 400)
+    assert err["param"] == "tunesmith.check_copyng"
+    err = _error(client.post("/v1/completions", json={**body, "tunesmith": {"check_copying": True, "min_tokens": 0}}), 400)
+    assert err["param"] == "tunesmith.min_tokens"
+    (tunesmith_home / "runs" / "sherlock-run" / "data" / "train.jsonl").unlink()  # a run without its data
+    err = _error(client.post("/v1/completions", json={**body, "model": "sherlock-run"}), 400)
+    assert err["param"] == "tunesmith.check_copying" and "data/train.jsonl" in err["message"]
+    assert client.app.state.queue.admitted == 0

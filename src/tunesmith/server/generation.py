@@ -5,6 +5,10 @@ text once the model is loaded, sampling, and the response ``Format`` (text or ch
 function serves it: ``Generator.handle_completion`` admits it, loads the model, fits it into the
 context, and answers with ``complete`` (one JSON body) or ``stream`` (server-sent events ending in
 ``data: [DONE]``). The formats differ only in how a choice and a chunk look.
+
+A request that asks for ``"tunesmith": {"check_copying": true}`` gets the spans each choice copied
+from the model's training text in a ``tunesmith`` field of the choice (copying.py); when
+streaming, in the last chunk of each choice (the one with its ``finish_reason``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..classify import is_classifier_run
 from ..errors import TunesmithError
 from .admission import GenerationQueue, Ticket
 from .catalog import Catalog
+from .copying import CopyIndexes, copying_field, training_run
 from .errors import APIError
 from .models_cache import ModelCache
 from .store import new_id
@@ -118,16 +123,19 @@ class Generation:
     logprobs: int | None = None  # alternatives per token to ask the model for
     want_logprobs: bool = False  # choices carry a logprobs object
     echo: bool = False
+    check_copying: int | None = None  # the shortest copied span to report (min tokens); None: no check
 
 
 class Generator:
     """Generation for the routes: admission, model loading and decoding in a thread pool."""
 
-    def __init__(self, cache: ModelCache, catalog: Catalog, queue: GenerationQueue, executor: ThreadPoolExecutor):
+    def __init__(self, cache: ModelCache, catalog: Catalog, queue: GenerationQueue, executor: ThreadPoolExecutor,
+                 copies: CopyIndexes | None = None):
         self.cache = cache
         self.catalog = catalog
         self.queue = queue
         self.executor = executor
+        self.copies = copies if copies is not None else CopyIndexes()
 
     async def run(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -144,6 +152,10 @@ class Generator:
         ticket = self.queue.admit()
         try:
             await ticket.acquire()
+            index = None
+            if gen.check_copying is not None:
+                _, source = self.catalog.resolve(gen.model)
+                index = await self.run(self.copies.get, training_run(gen.model, source))
             model = await self.model(gen.model)
             prompt = await self.run(gen.prompt, model)
             prompt_tokens = await self.run(model.count_tokens, prompt)
@@ -153,23 +165,33 @@ class Generator:
             ticket.release()
             raise
         if gen.stream:
-            return sse_response(self.stream(gen, model, prompt, prompt_tokens, kwargs, ticket), ticket)
+            return sse_response(self.stream(gen, model, prompt, prompt_tokens, kwargs, ticket, index), ticket)
         try:
-            return await self.complete(gen, model, prompt, prompt_tokens, kwargs)
+            return await self.complete(gen, model, prompt, prompt_tokens, kwargs, index)
         finally:
             ticket.release()
 
-    async def complete(self, gen: Generation, model, prompt: str, prompt_tokens: int, kwargs: dict) -> dict:
+    async def complete(self, gen: Generation, model, prompt: str, prompt_tokens: int, kwargs: dict,
+                       index=None) -> dict:
         fmt = gen.format
         cid, created = new_id(fmt.id_prefix), int(time.time())
         results = await self.run(model.generate, prompt, n=gen.n, logprobs=gen.logprobs or None, **kwargs)
         choices = [fmt.choice(gen, i, c, prompt, model) for i, c in enumerate(results)]
+        if index is not None:
+            for choice, c in zip(choices, results):
+                choice["tunesmith"] = await self.run(copying_field, index, c.text, gen.check_copying,
+                                                     self._echoed(gen, prompt))
         completion_tokens = sum(c.completion_tokens for c in results)
         usage = _usage(results[0].prompt_tokens if results else prompt_tokens, completion_tokens)
         return envelope(fmt.kind, cid, created, gen.model, choices, usage)
 
+    @staticmethod
+    def _echoed(gen: Generation, prompt: str) -> int:
+        """Characters of the choice's text before the generated text (an echoed prompt)."""
+        return len(prompt) if gen.echo and gen.format is TextFormat else 0
+
     async def stream(self, gen: Generation, model, prompt: str, prompt_tokens: int, kwargs: dict,
-                     ticket: Ticket) -> AsyncIterator[bytes]:
+                     ticket: Ticket, copy_index=None) -> AsyncIterator[bytes]:
         fmt = gen.format
         cid, created = new_id(fmt.id_prefix), int(time.time())
 
@@ -185,11 +207,18 @@ class Generator:
                     kw["seed"] = kw["seed"] + index
                 for choice in fmt.opening(gen, index, prompt):
                     yield event([choice])
+                text = []
                 async with aclosing(self._stream_thread(model, prompt, kw)) as chunks:
                     async for chunk in chunks:
+                        text.append(chunk.text)
+                        pieces = fmt.pieces(index, chunk)
                         if chunk.finish_reason:
                             completion_tokens += chunk.completion_tokens
-                        for choice in fmt.pieces(index, chunk):
+                            if copy_index is not None and pieces:
+                                pieces[-1]["tunesmith"] = await self.run(
+                                    copying_field, copy_index, "".join(text), gen.check_copying,
+                                    self._echoed(gen, prompt))
+                        for choice in pieces:
                             yield event([choice])
             if gen.include_usage:
                 yield event([], _usage(prompt_tokens * gen.n, completion_tokens))

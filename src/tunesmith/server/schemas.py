@@ -24,6 +24,16 @@ class _Loose(BaseModel):
 StopField = Union[str, list[str], None]
 
 
+class TunesmithOptions(BaseModel):
+    """The ``tunesmith`` extension object of a generation request. Unknown keys are refused, so a
+    misspelt option is an error rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    check_copying: bool = False  # each choice gets the spans it copied from the model's training text
+    min_tokens: int = Field(default=12, ge=1, le=1000)  # the shortest span that counts as copied
+
+
 class SamplingRequest(_Loose):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=_TEMPERATURE["min"], le=_TEMPERATURE["openai_max"])
@@ -38,6 +48,7 @@ class SamplingRequest(_Loose):
     # tunesmith extensions
     top_k: int = Field(default=_TOP_K["default"], ge=_TOP_K["min"], le=_TOP_K["openai_max"])
     repetition_penalty: float = Field(default=_REPETITION["default"], gt=_REPETITION["gt"], le=_REPETITION["max"])
+    tunesmith: TunesmithOptions | None = None
 
 
 class CompletionRequest(SamplingRequest):

@@ -139,7 +139,80 @@ function sampling() {
   if (stop) body.stop = [stop];
   const seed = $("#seed").value;
   if (seed !== "") body.seed = Number(seed);
+  if (copyingWanted()) body.tunesmith = { check_copying: true };
   return body;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copied text: the server finds it (the tunesmith.check_copying option); the page marks it
+
+function selectedKind() {
+  const m = state.models.find((x) => x.id === $("#model").value);
+  return m ? (m.kind || "base") : "base";
+}
+
+function copyingWanted() {
+  const box = $("#check-copying");
+  return box.checked && !box.disabled;
+}
+
+// A base model has no training text to compare with: the option is only for fine-tuned models.
+function updateCopyingToggle() {
+  const base = selectedKind() === "base";
+  $("#check-copying").disabled = base;
+  $("#copying-hint").textContent = base
+    ? "Pick a fine-tuned model or a run: a base model has no training text to compare with."
+    : "Marks text copied word for word from the model's training text; hover a mark to see where it is in the book.";
+}
+
+function describeLocation(where) {
+  const lines = where.end_line && where.end_line !== where.line
+    ? "lines " + where.line + "–" + where.end_line : "line " + where.line;
+  return where.file + ", " + lines + (where.heading ? " (" + where.heading + ")" : "");
+}
+
+function describeSpan(span) {
+  const times = span.count === 1 ? "once" : span.count.toLocaleString() + " times";
+  const where = span.locations.length ? span.locations.map(describeLocation).join("; ") : "the training text";
+  return "Copied from " + where + " — " + span.n_words + " words, " + span.n_tokens + " tokens, " +
+    times + " in the training text";
+}
+
+// Replace el's text with the same text, each copied region in a <mark> that tells where it is from.
+// Offsets count Unicode code points, as the server counts them.
+function markCopies(el, text, copying) {
+  const chars = Array.from(text);
+  const regions = [];
+  for (const span of [...copying.spans].sort((a, b) => a.start - b.start)) {
+    const last = regions[regions.length - 1];
+    if (last && span.start <= last.end) {
+      last.end = Math.max(last.end, span.end);
+      last.spans.push(span);
+    } else {
+      regions.push({ start: span.start, end: span.end, spans: [span] });
+    }
+  }
+  el.textContent = "";
+  let pos = 0;
+  for (const r of regions) {
+    if (r.start > pos) el.append(chars.slice(pos, r.start).join(""));
+    const mark = document.createElement("mark");
+    mark.className = "copied";
+    mark.tabIndex = 0;
+    mark.dataset.source = r.spans.map(describeSpan).join("\n");
+    mark.textContent = chars.slice(r.start, r.end).join("");
+    el.append(mark);
+    pos = r.end;
+  }
+  if (pos < chars.length) el.append(chars.slice(pos).join(""));
+}
+
+function copyingSummary(copying) {
+  if (!copying.spans.length) return "nothing copied";
+  const longest = copying.longest;
+  let text = "copied " + (100 * copying.copy_rate).toFixed(1) + "% · longest " + longest.n_words + " words";
+  if (longest.locations.length) text += " (" + describeLocation(longest.locations[0]) + ")";
+  return text;
 }
 
 async function loadModels(select) {
@@ -168,6 +241,7 @@ async function loadModels(select) {
     modelSel.appendChild(group);
   }
   if (current && state.models.some((m) => m.id === current)) modelSel.value = current;
+  updateCopyingToggle();
   const n = state.models.length;
   $("#model-hint").textContent = n ? n + " model" + (n === 1 ? "" : "s") + " available" : "No models found.";
   const baseSel = $("#job-base");
@@ -214,6 +288,7 @@ async function generate() {
   let pieces = 0;
   let finish = "";
   let usage = null;
+  let copying = null;
   try {
     await streamSSE("/v1/completions", {
       ...sampling(), prompt, stream: true, stream_options: { include_usage: true },
@@ -228,11 +303,17 @@ async function generate() {
         $("#write-stats").textContent = pieces + " chunks…";
       }
       if (choice.finish_reason) finish = choice.finish_reason;
+      if (choice.tunesmith && choice.tunesmith.copying) copying = choice.tunesmith.copying;
     }, controller.signal);
     const secs = (performance.now() - (first || started)) / 1000;
     const toks = usage ? usage.completion_tokens : pieces;
-    $("#write-stats").textContent = toks + " tokens · " + (secs > 0 ? (toks / secs).toFixed(1) : "–") +
+    let stats = toks + " tokens · " + (secs > 0 ? (toks / secs).toFixed(1) : "–") +
       " tok/s · finish: " + (finish || "?");
+    if (copying) {
+      markCopies(gen, gen.textContent, copying);
+      stats += " · " + copyingSummary(copying);
+    }
+    $("#write-stats").textContent = stats;
   } catch (err) {
     if (err.name === "AbortError") {
       $("#write-stats").textContent = "stopped";
@@ -286,6 +367,7 @@ async function sendChat(ev) {
   $("#stop-chat").disabled = false;
   showBanner("");
   let reply = "";
+  let copying = null;
   try {
     await streamSSE("/v1/chat/completions", { ...sampling(), messages, stream: true }, (chunk) => {
       const choice = chunk.choices && chunk.choices[0];
@@ -294,7 +376,15 @@ async function sendChat(ev) {
         body.textContent = reply;
         $("#messages").scrollTop = $("#messages").scrollHeight;
       }
+      if (choice && choice.tunesmith && choice.tunesmith.copying) copying = choice.tunesmith.copying;
     }, controller.signal);
+    if (copying) {
+      markCopies(body, reply, copying);
+      const note = document.createElement("span");
+      note.className = "msg-note";
+      note.textContent = copyingSummary(copying);
+      body.parentElement.append(note);
+    }
   } catch (err) {
     if (err.name !== "AbortError") {
       body.parentElement.className = "msg error";
@@ -568,6 +658,7 @@ async function useModel() {
   await loadModels(job.fine_tuned_model);
   $("#model").value = job.fine_tuned_model;
   localStorage.setItem(MODEL_STORE, job.fine_tuned_model);
+  updateCopyingToggle();
   switchView("write");
 }
 
@@ -598,7 +689,10 @@ async function init() {
   $("#refresh-jobs").addEventListener("click", refreshJobs);
   $("#jd-cancel").addEventListener("click", cancelJob);
   $("#jd-use").addEventListener("click", useModel);
-  $("#model").addEventListener("change", () => localStorage.setItem(MODEL_STORE, $("#model").value));
+  $("#model").addEventListener("change", () => {
+    localStorage.setItem(MODEL_STORE, $("#model").value);
+    updateCopyingToggle();
+  });
   $("#api-key").value = localStorage.getItem(KEY_STORE) || "";
   $("#save-key").addEventListener("click", () => {
     const key = $("#api-key").value.trim();

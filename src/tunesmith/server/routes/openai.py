@@ -49,7 +49,7 @@ async def completions(req: CompletionRequest, config: ServerConfig = Depends(get
         model=req.model, prompt=prompt, format=TextFormat,
         sampling=sampling(req, stop), max_tokens=max_tokens, max_tokens_explicit=req.max_tokens is not None,
         n=req.n, stream=req.stream, include_usage=include_usage(req), logprobs=req.logprobs,
-        want_logprobs=req.logprobs is not None, echo=req.echo,
+        want_logprobs=req.logprobs is not None, echo=req.echo, check_copying=check_copying(req),
     )
     return await generator.handle_completion(gen)
 
@@ -73,7 +73,7 @@ async def chat_completions(req: ChatRequest, config: ServerConfig = Depends(get_
         model=req.model, prompt=lambda model: chat_prompt(model, messages), format=ChatFormat,
         sampling=sampling(req, stop), max_tokens=max_tokens, max_tokens_explicit=explicit is not None,
         n=req.n, stream=req.stream, include_usage=include_usage(req), logprobs=top_logprobs,
-        want_logprobs=req.logprobs,
+        want_logprobs=req.logprobs, check_copying=check_copying(req),
     )
     return await generator.handle_completion(gen)
 
@@ -164,3 +164,9 @@ def sampling(req: SamplingRequest, stop: list[str]) -> dict:
 
 def include_usage(req: SamplingRequest) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
+
+
+def check_copying(req: SamplingRequest) -> int | None:
+    """The shortest copied span to report when the request asks for copied spans, else None."""
+    options = req.tunesmith
+    return options.min_tokens if options is not None and options.check_copying else None
