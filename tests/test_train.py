@@ -52,7 +52,7 @@ def test_run_directory_has_everything(book, tmp_path, tiny_model_dir):
     assert "Epoch 1" in samples and "Epoch 2" in samples
     assert {e["type"] for e in events} >= {"info", "metrics", "validation", "checkpoint", "done"}
     # the events carry metrics.jsonl's rows under the same names
-    reported = [{"step": e.step, **e.metrics} for e in events if e.type in ("metrics", "validation")]
+    reported = [{"step": e.step, **e.metrics} for e in events if e.type in ("metrics", "validation", "samples")]
     assert reported == rows
     assert run.checkpoints(), "each epoch leaves a checkpoint"
     state = torch.load(run.checkpoints()[-1]["path"] + "/trainer_state.pt", weights_only=False)

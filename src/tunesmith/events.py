@@ -17,6 +17,10 @@ STEP_METRICS = ("epoch", "elapsed_tokens", "training_loss", "training_token_accu
 VALIDATION_METRICS = ("epoch", "elapsed_tokens", "validation_loss", "validation_token_accuracy",
                       "validation_perplexity")
 
+# ... and one per epoch for the copying in that epoch's samples (watch.py).
+SAMPLE_METRICS = ("epoch", "samples_copy_rate", "samples_longest_copy_tokens", "samples_novelty_4",
+                  "samples_novelty_8", "samples_novelty_16", "samples_novelty_32")
+
 # tunesmith's name -> the name in OpenAI's fine-tuning job events and checkpoints.
 JOB_METRIC_NAMES = {
     "training_loss": "train_loss",
@@ -25,7 +29,7 @@ JOB_METRIC_NAMES = {
     "validation_token_accuracy": "valid_mean_token_accuracy",
 }
 
-EventType = Literal["info", "metrics", "validation", "checkpoint", "done"]
+EventType = Literal["info", "metrics", "validation", "samples", "checkpoint", "done"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class TrainEvent:
     - ``info``: a ``message`` for the reader (``level`` "warning" for warnings);
     - ``metrics``: an optimizer step finished; ``metrics`` holds its ``STEP_METRICS``, ``total_steps`` the plan;
     - ``validation``: a validation finished; ``metrics`` holds its ``VALIDATION_METRICS``;
+    - ``samples``: an epoch's samples were checked for copying; ``metrics`` holds its ``SAMPLE_METRICS``;
     - ``checkpoint``: a checkpoint was saved at ``path``;
     - ``done``: training ended with ``status`` (succeeded, cancelled, interrupted); ``path`` is the run.
 

@@ -44,6 +44,7 @@ class EpochWatch:
         row = self.copying_row(step, epoch, samples)
         if row is not None:
             log(row)
+            emit(TrainEvent("samples", step, metrics={k: v for k, v in row.items() if k != "step"}))
             emit(TrainEvent("info", message=describe_copying(row)))
         from .rundir import Run
 
