@@ -28,6 +28,7 @@ from .labelled import Labelled, read_labelled, split
 from .models import DEFAULT_BASE
 from .rundir import RUN_FORMAT, Run, check_out_dir, is_run_dir
 from .scores import classification_metrics, plot_confusion, plot_scatter, regression_metrics
+from .version import library_versions
 
 PREDICT_BATCH_TOKENS = 4096  # tokens per inference batch (texts sorted by length, padded per batch)
 
@@ -264,7 +265,7 @@ def finetune_classifier(
             "label_col": labelled.label_col,
             "template": labelled.template,
             "data": {"source": str(Path(data).resolve()), "report": report},
-            "versions": _versions(),
+            "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json(tmp / "config.json", config)
@@ -464,19 +465,6 @@ def _readme(run: Run, cfg: ClassifyConfig, summary: dict) -> str:
         "```",
         "",
     ])
-
-
-def _versions() -> dict:
-    import platform
-
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"tunesmith": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
 
 
 class _Progress:

@@ -10,7 +10,6 @@ logits (loss.py), and a fused AdamW. We write the loop ourselves rather than use
 from __future__ import annotations
 
 import math
-import platform
 import random
 import shutil
 import signal
@@ -29,7 +28,7 @@ from .config import MICRO_BATCH_TOKENS, TrainConfig, micro_batch_size, with_over
 from .errors import TunesmithError
 from .events import TrainEvent
 from .rundir import RUN_FORMAT, Run
-from .version import __version__
+from .version import library_versions
 from .watch import EpochWatch
 
 # ----------------------------------------------------------------------------------------
@@ -358,7 +357,7 @@ def finetune(
             "base_path": str(base_path),
             "data": {"source": str(Path(data).resolve()), "report": prepared["report"],
                      "validation": str(Path(validation).resolve()) if validation else None},
-            "versions": _versions(),
+            "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json(tmp / "config.json", config)
@@ -899,15 +898,6 @@ def _run_readme(run: Run, cfg: TrainConfig, summary: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _versions() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    return {"tunesmith": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
 
 
 class _Progress:
