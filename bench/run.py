@@ -37,6 +37,11 @@ BLOCK, BATCH, LORA_R, LORA_ALPHA, LR, SEED = 512, 8, 16, 32, 1e-3, 0
 GEN_PROMPT = ("To Sherlock Holmes she is always the woman. I have seldom heard him mention her under any "
               "other name. In his eyes she eclipses and predominates the whole of her sex. It was not that")
 PARTS = ("peaks", "train", "generate", "estimate", "load")
+# Sections in files of their own (bench/<name>.py), each with
+#   run(ctx: dict) -> dict     ctx: quick, repeats, env (thread settings), work (a temp dir), model, say
+#   render(result: dict) -> str   its markdown section, with its targets marked met or unmet
+# They run after the parts above, in this order; `--only NAME` runs one of them alone.
+SECTIONS: tuple[str, ...] = ()
 
 # ----------------------------------------------------------------------------------------
 # Children: each prints one JSON line, prefixed so stray library output cannot be mistaken for it
@@ -522,7 +527,7 @@ def main() -> None:
                     help="also time the Trainer with torch_compile=True (default off: see NOTES.md)")
     ap.add_argument("--configs", help="comma-separated training configurations to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="every code path with tiny step counts and 1 repeat")
-    ap.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
+    ap.add_argument("--only", choices=PARTS + SECTIONS, action="append", help="run only these parts (repeatable)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--model", default="smollm2-135m", help="base model name or HF directory")
     ap.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="training text (default: Sherlock Holmes)")
@@ -543,7 +548,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats, args.valid_blocks = 2, 1, 1, 2
         args.gen_tokens, args.estimate_tokens, args.estimate_epochs = 16, 5000, [1, 2]
-    parts = set(args.only or PARTS)
+    parts = set(args.only or PARTS + SECTIONS)
     if args.device != "cpu":
         parts -= {"load", "estimate"}  # the GGUF is not carried to the GPU machine
     began = time.perf_counter()
@@ -607,6 +612,17 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as home:
                 report["load"]["cold"].append(run_child("load", base, {**env, "TUNESMITH_HOME": home}))
             report["load"]["cached"].append(run_child("load", base, env))
+    report["sections"] = {}
+    for name in SECTIONS:
+        if name in parts:
+            say(f"{name}: ...")
+            ctx = {"quick": args.quick, "repeats": args.repeats, "env": env, "work": work, "model": args.model,
+                   "device": args.device, "say": say}
+            try:
+                report["sections"][name] = _section(name).run(ctx)
+            except Exception as error:  # one section failing must not lose the others' figures
+                report["sections"][name] = {"error": f"{type(error).__name__}: {error}"}
+                say(f"  {name} failed: {error}")
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     report["wall_seconds"] = time.perf_counter() - began
     report["summary"] = summarise(report)
@@ -618,6 +634,15 @@ def main() -> None:
     (results / f"{args.name}.md").write_text(markdown)
     print("\n" + markdown)
     shutil.rmtree(work, ignore_errors=True)  # the packed data and the inductor caches
+
+
+def _section(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _our_micro(device: str) -> int:
@@ -938,6 +963,11 @@ def render(report: dict) -> str:
         out += ["## Targets", "", "A ratio target is met only if the worse end (our slowest repeat against the "
                 "baseline's fastest) meets it.", ""]
         out += [f"- [{'x' if ok else ' '}] {name}" for name, ok in s["targets"].items()] + [""]
+    for name, result in report.get("sections", {}).items():
+        if "error" in result:
+            out += [f"## {name}", "", f"Failed: {result['error']}", ""]
+        else:
+            out += [_section(name).render(result).rstrip(), ""]
     out += ["What the benchmark leaves out and why, and notes on decoding speed: bench/NOTES.md.", ""]
     return "\n".join(out)
 
