@@ -281,8 +281,17 @@ def test_binary_file(tmp_path: Path) -> None:
     assert err.value.line == 3 and "byte offset 21" in err.value.message and "binary" in err.value.message
 
 
-def test_non_utf8_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "l.txt", "first line\nna\u00efve\n".encode("latin-1"))
+def test_latin1_and_windows_1252_are_decoded_and_said(tmp_path: Path) -> None:
+    corpus = read_records(write(tmp_path, "l.txt", "first line\nna\u00efve\n".encode("latin-1")))
+    assert corpus.records[0]["text"] == "first line\nna\u00efve"
+    assert any("Latin-1" in fix and "byte offset 13, line 2" in fix for fix in corpus.fixes)
+    corpus = read_records(write(tmp_path, "w.txt", "\u201cQuoted\u201d \u2014 dash.\n".encode("cp1252")))
+    assert corpus.records[0]["text"] == "\u201cQuoted\u201d \u2014 dash."
+    assert any("Windows-1252" in fix for fix in corpus.fixes)
+
+
+def test_neither_utf8_nor_windows_1252_is_binary(tmp_path: Path) -> None:
+    path = write(tmp_path, "l.txt", b"first line\nab\x81cd\xff\n")
     with pytest.raises(TunesmithError) as err:
         read_records(path)
     assert err.value.line == 2 and "byte offset 13" in err.value.message and "UTF-8" in err.value.hint

@@ -17,24 +17,31 @@ table records from ``.csv``/``.tsv`` with a header row.
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
-import os
 import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import TunesmithError
+from .inputs import TextFile, require_file
 from .wording import counted
 
 BOOK_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 TABLE_SUFFIXES = {".csv", ".tsv"}
-SUPPORTED = ".txt, .md, .jsonl, .json, .csv, .tsv"
+SHEET_SUFFIXES = {".xlsx"}
+SUFFIXES = BOOK_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES | SHEET_SUFFIXES
+SUPPORTED = ".txt, .md, .jsonl, .json, .csv, .tsv, .xlsx"
+# A book is cleaned in sections of about this many characters, cut at blank lines (at most twice
+# as many where a paragraph runs on), so memory stays bounded whatever the size of the file.
+SECTION_CHARS = 8 << 20
+# The longest JSON line or table record read (characters); a longer one is an error.
+MAX_RECORD = 64 << 20
+PART_RECORDS = 10_000  # records per part when a record file is read in parts
 
 # Fields each record format needs; anything else in a record is counted as an extra field.
 FIELDS = {
@@ -61,68 +68,152 @@ def read_records(path: str | Path, known_word: Callable[[str], bool] | None = No
 
     ``known_word`` (optional) says whether a lower-case word is a word of the language; it is
     asked only about a word hyphenated across a line break that the book itself does not settle.
+    All records are returned at once; ``Reader`` gives them in parts, in bounded memory.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    require_file(path)
-    if suffix not in BOOK_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES:
-        raise TunesmithError(
-            f"unsupported file type '{suffix or '(none)'}'",
-            file=path,
-            hint=f"supported: {SUPPORTED}; convert other documents (PDF, Word, EPUB) to plain text first",
-        )
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TunesmithError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
-    fixes: list[str] = []
-    text = decode_text(data, path, fixes)
+    reader = Reader(path, known_word)
+    records = [record for part in reader.parts() for record in part.records]
+    return Corpus(format=reader.format, records=records, fixes=reader.fixes, source=str(reader.path),
+                  extra_fields=reader.extra_fields)
+
+
+class Reader:
+    """One training file read in parts: a book in sections of about ``SECTION_CHARS``, a record
+    file in parts of ``PART_RECORDS`` records. ``format``, ``fixes`` and ``extra_fields`` are
+    complete once ``parts()`` is exhausted."""
+
+    def __init__(self, path: str | Path, known_word: Callable[[str], bool] | None = None) -> None:
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        require_file(self.path)
+        if suffix not in SUFFIXES:
+            raise TunesmithError(
+                f"unsupported file type '{suffix or '(none)'}'",
+                file=self.path,
+                hint=f"supported: {SUPPORTED}; convert other documents (PDF, Word, EPUB) to plain text first",
+            )
+        self.suffix = suffix
+        self.known_word = known_word
+        self.format = "book" if suffix in BOOK_SUFFIXES else ""
+        self.fixes: list[str] = []
+        self.extra_fields: dict[str, int] = {}
+        self.records = 0
+        self.size = 0
+
+    def parts(self) -> Iterator[Corpus]:
+        if self.suffix in SHEET_SUFFIXES:
+            from .sheets import read_sheet
+
+            corpus = read_sheet(self.path)
+            self._take(corpus)
+            self.size = self.path.stat().st_size
+            yield corpus
+            return
+        file = TextFile(self.path)
+        self.size = file.size
+        if self.suffix in BOOK_SUFFIXES:
+            yield from self._book_parts(file)
+        else:
+            if self.suffix in TABLE_SUFFIXES:
+                text = _whole(file)
+                corpus = _read_table(text, self.path, delimiter="\t" if self.suffix == ".tsv" else ",")
+                parts: Iterator[Corpus] = iter([corpus])
+            elif self.suffix == ".json":
+                corpus = _read_json(_whole(file), self.path, self.suffix)
+                parts = iter([corpus])
+            else:
+                parts = _jsonl_parts(file, self.path, self.suffix)
+            for corpus in parts:
+                self._take(corpus)
+                yield corpus
+            self.fixes = file.fixes + self.fixes
+        if not self.records:
+            raise TunesmithError("the file has no records", file=self.path, hint="it needs at least one example")
+
+    def _take(self, corpus: Corpus) -> None:
+        if self.format and corpus.format != self.format:
+            raise TunesmithError(
+                f"this part of the file is in {corpus.format} format, but it began in {self.format} format",
+                file=self.path, line=corpus.records[0]["line"] if corpus.records else None,
+                hint="use one format for every record of a file",
+            )
+        self.format = corpus.format
+        corpus.source = str(self.path)
+        self.records += len(corpus.records)
+        for key, n in corpus.extra_fields.items():
+            self.extra_fields[key] = self.extra_fields.get(key, 0) + n
+        self.fixes += corpus.fixes
+
+    def _book_parts(self, file: TextFile) -> Iterator[Corpus]:
+        book = _Book(self.path, self.known_word)
+        section: list[tuple[int, str]] = []
+        chars = 0
+        total = 0
+        for number, line in file.lines():
+            total = number
+            if book.ended:
+                continue  # after the Project Gutenberg licence marker: read only to the end
+            section.append((number, line))
+            chars += len(line) + 1
+            if chars >= SECTION_CHARS and (not line.strip() or chars >= 2 * SECTION_CHARS):
+                corpus = book.section(section)
+                section, chars = [], 0
+                if corpus.records:
+                    self.records += len(corpus.records)
+                    corpus.source = str(self.path)
+                    yield corpus
+        if not file.size or all(not line.strip() for _, line in section) and not self.records and not book.seen_text:
+            raise TunesmithError("the file is empty", file=self.path, hint="it needs some text to learn from")
+        corpus = book.section(section)
+        if corpus.records:
+            self.records += len(corpus.records)
+            corpus.source = str(self.path)
+            yield corpus
+        if not self.records:
+            raise TunesmithError(
+                "no text is left after cleaning (only blank lines or Project Gutenberg boilerplate)",
+                file=self.path,
+                hint="is this the right file?",
+            )
+        self.fixes = file.fixes + book.fixes(total)
+
+
+def _whole(file: TextFile) -> str:
+    text = file.read()
     if not text.strip():
+        raise TunesmithError("the file is empty", file=file.path)
+    return text
+
+
+def _jsonl_parts(file: TextFile, path: Path, suffix: str) -> Iterator[Corpus]:
+    """JSON lines in parts of ``PART_RECORDS`` records; the format is decided by the first record."""
+    items: list[tuple[int, Any]] = []
+    fmt: tuple[str, int] | None = None
+    seen_text = False
+    for number, line in file.lines(max_line=MAX_RECORD + 1):
+        if len(line) > MAX_RECORD:
+            raise TunesmithError(
+                f"this line is over {MAX_RECORD:,} characters long; one record cannot be that large",
+                file=path, line=number, hint="split the text into several records",
+            )
+        if not line.strip():
+            continue
+        seen_text = True
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _json_error(exc, path, number - 1, suffix) from None
+        except (ValueError, RecursionError) as exc:
+            raise TunesmithError(f"malformed JSON at line {number}: {exc}", file=path, line=number) from None
+        items.append((number, obj))
+        if len(items) >= PART_RECORDS:
+            corpus = _records_from(items, path, fmt)
+            fmt = fmt or (corpus.format, items[0][0])
+            items = []
+            yield corpus
+    if not seen_text:
         raise TunesmithError("the file is empty", file=path, hint="it needs some text to learn from")
-    text = _normalise_newlines(text, fixes)
-    if suffix in BOOK_SUFFIXES:
-        corpus = _read_book(text, path, fixes, known_word)
-    elif suffix in TABLE_SUFFIXES:
-        corpus = _read_table(text, path, delimiter="\t" if suffix == ".tsv" else ",")
-        corpus.fixes = fixes + corpus.fixes
-    else:
-        corpus = _read_json(text, path, suffix)
-        corpus.fixes = fixes + corpus.fixes
-    corpus.source = str(path)
-    if not corpus.records:
-        raise TunesmithError("the file has no records", file=path, hint="it needs at least one example")
-    return corpus
-
-
-def require_file(path: Path) -> None:
-    """Raise a ``TunesmithError`` unless ``path`` is an existing file; a broken link says why."""
-    if not path.exists():
-        if path.is_symlink():
-            _raise_broken_link(path)
-        raise TunesmithError("no such file", file=path, hint="check the path; it is relative to the current directory")
-    if path.is_dir():
-        raise TunesmithError("this is a directory, not a file", file=path, hint=f"pass one file ({SUPPORTED})")
-
-
-def _raise_broken_link(path: Path) -> None:
-    """A symbolic link that leads nowhere: say whether it loops or names a missing file."""
-    try:
-        path.resolve(strict=True)
-    except RuntimeError:  # Python before 3.13 reports a loop this way
-        looped = True
-    except OSError as exc:
-        looped = exc.errno == errno.ELOOP
-    else:
-        looped = False
-    if looped:
-        raise TunesmithError(
-            "this is a symbolic link that leads back to itself (a symlink loop)", file=path,
-            hint="point the link at a real file, or pass the file itself",
-        )
-    raise TunesmithError(
-        f"this is a symbolic link to '{os.readlink(path)}', which does not exist", file=path,
-        hint="point the link at a real file, or pass the file itself",
-    )
+    if items:
+        yield _records_from(items, path, fmt)
 
 
 def validate_file(path: str | Path) -> Corpus:
@@ -133,82 +224,10 @@ def validate_file(path: str | Path) -> Corpus:
 # --- bytes to text ------------------------------------------------------------------------
 
 
-def decode_text(data: bytes, path: str | Path, fixes: list[str]) -> str:
-    """Text from a file's bytes: UTF-8 (a BOM is dropped) or UTF-16 with a byte-order mark.
-
-    Anything else is a ``TunesmithError`` that says what the bytes look like and how to convert them.
-    """
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        order = "little-endian" if data.startswith(b"\xff\xfe") else "big-endian"
-        try:
-            text = data.decode("utf-16")
-        except UnicodeDecodeError as exc:
-            raise TunesmithError(
-                f"this file starts with a UTF-16 ({order}) byte-order mark but is not valid UTF-16 "
-                f"(at byte offset {exc.start})",
-                file=path, hint="re-save the file as UTF-8",
-            ) from None
-        fixes.append(f"decoded UTF-16 ({order}) text; UTF-8 is the usual encoding for training files")
-        return text
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        utf16 = _utf16_without_bom(data)
-        if utf16:
-            codec = "UTF-16LE" if utf16 == "little-endian" else "UTF-16BE"
-            raise TunesmithError(
-                f"this looks like UTF-16 ({utf16}) text without a byte-order mark, not UTF-8",
-                file=path,
-                hint=f"convert it to UTF-8, e.g. `iconv -f {codec} -t UTF-8 IN > OUT`, or re-save it as UTF-8",
-            )
-        line = data.count(b"\n", 0, nul) + 1
-        raise TunesmithError(
-            f"this looks like a binary file (NUL byte at byte offset {nul})",
-            file=path,
-            line=line,
-            hint="give a UTF-8 text file",
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise TunesmithError(
-            f"not valid UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset {exc.start})",
-            file=path,
-            line=line,
-            hint="re-save the file as UTF-8 (most editors offer this under 'Save as' / encoding)",
-        ) from None
-    if text.startswith("\ufeff"):
-        fixes.append("removed UTF-8 BOM")
-        text = text[1:]
-    return text
-
-
-def _utf16_without_bom(data: bytes) -> str | None:
-    """"little-endian" or "big-endian" when the bytes read as mostly-ASCII UTF-16, else None."""
-    sample = data[:4096]
-    if len(sample) < 4:
-        return None
-    sample = sample[: len(sample) // 2 * 2]
-    half = len(sample) // 2
-    odd_zero = sample[1::2].count(0) / half
-    even_zero = sample[0::2].count(0) / half
-    if odd_zero > 0.7 and even_zero < 0.1:
-        return "little-endian"
-    if even_zero > 0.7 and odd_zero < 0.1:
-        return "big-endian"
-    return None
-
-
-def _normalise_newlines(text: str, fixes: list[str]) -> str:
-    crlf = text.count("\r\n")
-    if crlf:
-        text = text.replace("\r\n", "\n")
-        fixes.append(f"normalised {counted(crlf, 'CRLF line ending')}")
-    cr = text.count("\r")
-    if cr:
-        text = text.replace("\r", "\n")
-        fixes.append(f"converted {counted(cr, 'CR line ending')}")
-    return text
+def read_text(path: str | Path) -> str:
+    """A whole text file's contents, decoded by the rule of ``inputs.TextFile`` (UTF-8, UTF-16
+    with a byte-order mark, Windows-1252/Latin-1), line endings normalised to LF."""
+    return TextFile(Path(path)).read()
 
 
 # --- books ----------------------------------------------------------------------------------
@@ -234,94 +253,123 @@ _DASH_END = re.compile(r"[^\W_](?:--|\u2014|\u2013)$")
 _WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
 
 
-def _read_book(text: str, path: Path, fixes: list[str], known_word: Callable[[str], bool] | None = None) -> Corpus:
-    lines = text.split("\n")
-    first, last = _strip_gutenberg(lines, fixes)
-    body = [(i + 1, line) for i, line in enumerate(lines[first:last], start=first)]
-    body = _tidy_lines(body, fixes)
-    blocks: list[list[tuple[int, str]]] = []
-    current: list[tuple[int, str]] = []
-    for number, line in body:
-        if line:
-            current.append((number, line))
-        elif current:
+class _Book:
+    """A book cleaned section by section (see ``Reader``): Project Gutenberg's header is looked
+    for in the first section, its licence marker in every section (nothing after it is read);
+    each section's wrap width and hyphenation vocabulary are its own. The counts of what was
+    fixed add up over the sections, and ``fixes`` says them once."""
+
+    def __init__(self, path: Path, known_word: Callable[[str], bool] | None) -> None:
+        self.path = path
+        self.known_word = known_word
+        self.first = True
+        self.ended = False
+        self.seen_text = False
+        self.counts: Counter = Counter()
+        self.header: int | None = None
+        self.end_line: int | None = None
+
+    def section(self, numbered: list[tuple[int, str]]) -> Corpus:
+        if not numbered:
+            return Corpus(format="book")
+        lines = [line for _, line in numbered]
+        start, end = _gutenberg_markers(lines, find_start=self.first)
+        first, last = 0, len(lines)
+        if start is not None:
+            first = _after_header(lines, start)
+            self.header = first + numbered[0][0] - 1
+        if end is not None and end >= first:
+            last = end
+            self.end_line = numbered[end][0]
+            self.ended = True
+        self.first = False
+        body = _tidy_lines(numbered[first:last], self.counts)
+        self.seen_text = self.seen_text or any(line for _, line in body)
+        blocks: list[list[tuple[int, str]]] = []
+        current: list[tuple[int, str]] = []
+        for number, line in body:
+            if line:
+                current.append((number, line))
+            elif current:
+                blocks.append(current)
+                current = []
+        if current:
             blocks.append(current)
-            current = []
-    if current:
-        blocks.append(current)
-    if not blocks:
-        raise TunesmithError(
-            "no text is left after cleaning (only blank lines or Project Gutenberg boilerplate)",
-            file=path,
-            hint="is this the right file?",
-        )
-    width = _wrap_width([line for block in blocks for _, line in block])
-    vocabulary = _vocabulary(blocks)
-    verse_like = _capital_ratio(blocks, width) >= 0.5
-    records = []
-    stats = {"lines": 0, "paragraphs": 0, "hyphens": 0}
-    for block in blocks:
-        records.append({"text": _flow(block, width, verse_like, vocabulary, known_word, stats), "line": block[0][0]})
-    if stats["lines"]:
-        fixes.append(
-            f"re-flowed {counted(stats['lines'], 'hard-wrapped line')} into {counted(stats['paragraphs'], 'paragraph')}"
-        )
-    if stats["hyphens"]:
-        fixes.append(f"joined {counted(stats['hyphens'], 'word')} hyphenated across line breaks")
-    return Corpus(format="book", records=records, fixes=fixes)
+        if not blocks:
+            return Corpus(format="book")
+        width = _wrap_width([line for block in blocks for _, line in block])
+        vocabulary = _vocabulary(blocks)
+        verse_like = _capital_ratio(blocks, width) >= 0.5
+        records = []
+        for block in blocks:
+            text = _flow(block, width, verse_like, vocabulary, self.known_word, self.counts)
+            records.append({"text": text, "line": block[0][0]})
+        return Corpus(format="book", records=records)
+
+    def fixes(self, total_lines: int) -> list[str]:
+        fixes = []
+        header, c = self.header, self.counts
+        footer = total_lines - self.end_line + 1 if self.end_line is not None else None
+        if header is not None and footer is not None:
+            fixes.append(
+                f"removed Project Gutenberg header ({counted(header, 'line')}) and licence footer ({counted(footer, 'line')})"
+            )
+        elif header is not None:
+            fixes.append(f"removed Project Gutenberg header ({counted(header, 'line')})")
+        elif footer is not None:
+            fixes.append(f"removed Project Gutenberg licence footer ({counted(footer, 'line')})")
+        if c["trailing"]:
+            fixes.append(f"removed trailing whitespace from {counted(c['trailing'], 'line')}")
+        if c["runs"]:
+            fixes.append(f"collapsed runs of spaces in {counted(c['runs'], 'line')}")
+        if c["controls"]:
+            fixes.append(f"removed control characters from {counted(c['controls'], 'line')}")
+        if c["lines"]:
+            fixes.append(
+                f"re-flowed {counted(c['lines'], 'hard-wrapped line')} into {counted(c['paragraphs'], 'paragraph')}"
+            )
+        if c["hyphens"]:
+            fixes.append(f"joined {counted(c['hyphens'], 'word')} hyphenated across line breaks")
+        return fixes
 
 
-def _strip_gutenberg(lines: list[str], fixes: list[str]) -> tuple[int, int]:
-    """Return the ``[first, last)`` line range of the book itself, without Project Gutenberg text."""
-    first, last = 0, len(lines)
-    start = next((i for i, line in enumerate(lines) if _PG_START.match(line)), None)
-    if start is not None:
-        first = start + 1
-        # The small print of old texts ends with its own "*END*" line; skip to it if it follows.
-        # Then skip blank lines and a "Produced by ..." credit paragraph right after the marker.
+def _gutenberg_markers(lines: list[str], find_start: bool) -> tuple[int | None, int | None]:
+    """The index of Project Gutenberg's start marker (when ``find_start``) and of its end marker
+    after it (or anywhere, without a start marker)."""
+    start = next((i for i, line in enumerate(lines) if _PG_START.match(line)), None) if find_start else None
+    first = start + 1 if start is not None else 0
+    end = next((i for i in range(first, len(lines)) if _PG_END.match(lines[i])), None)
+    return start, end
+
+
+def _after_header(lines: list[str], start: int) -> int:
+    """The first line of the book after the start marker at ``start``: blank lines and a
+    "Produced by ..." credit paragraph right after the marker are skipped."""
+    first = start + 1
+    while first < len(lines) and not lines[first].strip():
+        first += 1
+    if first < len(lines) and _PG_PRODUCER.match(lines[first]):
+        while first < len(lines) and lines[first].strip():
+            first += 1
         while first < len(lines) and not lines[first].strip():
             first += 1
-        if first < len(lines) and _PG_PRODUCER.match(lines[first]):
-            while first < len(lines) and lines[first].strip():
-                first += 1
-            while first < len(lines) and not lines[first].strip():
-                first += 1
-    end = next((i for i in range(first, len(lines)) if _PG_END.match(lines[i])), None)
-    if end is not None:
-        last = end
-    header, footer = first, len(lines) - last
-    if start is not None and end is not None:
-        fixes.append(
-            f"removed Project Gutenberg header ({counted(header, 'line')}) and licence footer ({counted(footer, 'line')})"
-        )
-    elif start is not None:
-        fixes.append(f"removed Project Gutenberg header ({counted(header, 'line')})")
-    elif end is not None:
-        fixes.append(f"removed Project Gutenberg licence footer ({counted(footer, 'line')})")
-    return first, last
+    return first
 
 
-def _tidy_lines(body: list[tuple[int, str]], fixes: list[str]) -> list[tuple[int, str]]:
-    """Strip each line, collapse runs of spaces and tabs, drop control characters."""
-    trailing = runs = controls = 0
+def _tidy_lines(body: list[tuple[int, str]], counts: Counter) -> list[tuple[int, str]]:
+    """Strip each line, collapse runs of spaces and tabs, drop control characters (counted in ``counts``)."""
     out = []
     for number, line in body:
         if line != line.rstrip():
-            trailing += 1
+            counts["trailing"] += 1
         if _CONTROL.search(line):
-            controls += 1
+            counts["controls"] += 1
             line = _CONTROL.sub("", line)
         stripped = line.strip()
         collapsed = _SPACES.sub(" ", stripped)
         if collapsed != stripped:
-            runs += 1
+            counts["runs"] += 1
         out.append((number, collapsed))
-    if trailing:
-        fixes.append(f"removed trailing whitespace from {counted(trailing, 'line')}")
-    if runs:
-        fixes.append(f"collapsed runs of spaces in {counted(runs, 'line')}")
-    if controls:
-        fixes.append(f"removed control characters from {counted(controls, 'line')}")
     return out
 
 
@@ -547,9 +595,8 @@ def _shape(obj: dict) -> str | None:
     return None
 
 
-def _records_from(items: list[tuple[int, Any]], path: Path) -> Corpus:
-    fmt: str | None = None
-    decided_at = 0
+def _records_from(items: list[tuple[int, Any]], path: Path, decided: tuple[str, int] | None = None) -> Corpus:
+    fmt, decided_at = decided if decided else (None, 0)
     records: list[dict] = []
     extra: dict[str, int] = {}
     for number, obj in items:

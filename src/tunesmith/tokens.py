@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import decode_text, require_file
-from .errors import TunesmithError
+from .corpus import read_text
 
 
 @dataclass
@@ -160,11 +159,6 @@ def tokenize_text(text: str, tokenizer) -> list[dict]:
 
 
 def read_text_file(path: str | Path) -> str:
-    """A text file's contents: UTF-8 or UTF-16 with a byte-order mark (see corpus.decode_text)."""
-    path = Path(path)
-    require_file(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TunesmithError(f"cannot read the file: {exc.strerror or exc}", file=path) from None
-    return decode_text(data, path, [])
+    """A text file's contents: UTF-8, UTF-16 with a byte-order mark, or Windows-1252/Latin-1
+    (see corpus.read_text)."""
+    return read_text(path)
