@@ -22,7 +22,7 @@ from tunesmith.prepare import (
 SENTENCE_END = re.compile(r"[.!?]['\"\u2019\u201d)\]]*$")
 REPORT_KEYS = {
     "source", "output", "format", "base", "block_size", "settings", "examples", "tokens",
-    "tokens_per_example", "task", "checks", "fixes", "estimate",
+    "tokens_per_example", "task", "checks", "fixes", "estimate", "files",
 }
 
 
@@ -97,7 +97,8 @@ def test_sherlock_report_and_files(sherlock: Prepared) -> None:
     assert checks(sherlock)["size"]["status"] == "ok"
     assert checks(sherlock)["task"]["message"] == "open-ended generation"
     files = sorted(p.name for p in sherlock.dir.iterdir())
-    assert files == ["report.json", "train.jsonl", "valid.jsonl"]
+    assert files == ["examples-train.npy", "examples-valid.npy", "report.json", "tokens-train-00000.bin",
+                     "tokens-valid-00000.bin", "tokens.json", "train.jsonl", "valid.jsonl"]
     assert json.loads((sherlock.dir / "report.json").read_text()) == report
     loaded = load_prepared(sherlock.dir)
     assert loaded.train == sherlock.train and loaded.valid == sherlock.valid and loaded.report == report

@@ -98,6 +98,12 @@ class Reader:
         self.extra_fields: dict[str, int] = {}
         self.records = 0
         self.size = 0
+        self.file: TextFile | None = None
+
+    @property
+    def done_bytes(self) -> int:
+        """Bytes of the file read so far."""
+        return self.file.done_bytes if self.file is not None else 0
 
     def parts(self) -> Iterator[Corpus]:
         if self.suffix in SHEET_SUFFIXES:
@@ -108,7 +114,7 @@ class Reader:
             self.size = self.path.stat().st_size
             yield corpus
             return
-        file = TextFile(self.path)
+        file = self.file = TextFile(self.path)
         self.size = file.size
         if self.suffix in BOOK_SUFFIXES:
             yield from self._book_parts(file)

@@ -102,6 +102,7 @@ class TextFile:
     codec: str = ""
     fixes: list[str] = field(default_factory=list)
     size: int = 0
+    done_bytes: int = 0  # of the pass now reading
     _stamp: tuple = ()
 
     def __post_init__(self) -> None:
@@ -129,10 +130,12 @@ class TextFile:
     def _blocks(self) -> Iterator[bytes]:
         try:
             with open(self.path, "rb") as fh:
+                self.done_bytes = 0
                 while True:
                     block = fh.read(BLOCK)
                     if not block:
                         break
+                    self.done_bytes += len(block)
                     yield block
         except OSError as exc:
             raise TunesmithError(f"cannot read the file: {exc.strerror or exc}", file=self.path) from None

@@ -11,21 +11,27 @@ Every example's tokens plus one EOS token fit in ``block_size`` (the trainer may
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import re
-import statistics
 import unicodedata
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from .atomic import atomic_dir, write_json, write_jsonl
+import numpy as np
+
+from .atomic import atomic_dir, write_json
 from .config import TrainConfig, in_bounds, spec
-from .corpus import FIELDS, Corpus, read_records
+from .corpus import FIELDS, SUFFIXES, SUPPORTED, Corpus, Reader
 from .errors import TunesmithError
+from .inputs import MAX_LINE, input_files
 from .wording import counted
 
 MIN_BLOCK_SIZE = spec(TrainConfig, "block_size")["min"]
@@ -42,12 +48,49 @@ ROW_FIELDS = {
 
 @dataclass
 class Prepared:
-    """A prepared data set: its directory, its report and its rows."""
+    """A prepared data set: its directory, its report and its rows (``Rows``: read from the
+    directory's JSONL files when used, so a large data set is never held in memory)."""
 
     dir: Path
     report: dict
-    train: list[dict]
-    valid: list[dict]
+    train: Sequence[dict]
+    valid: Sequence[dict]
+
+
+class Rows(Sequence):
+    """The rows of a ``train.jsonl`` or ``valid.jsonl``, read from the file each time they are
+    used; it compares equal to a list of the same rows."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...], count: int | None = None) -> None:
+        self.path, self.fields, self._count = Path(path), fields, count
+
+    def __iter__(self) -> Iterator[dict]:
+        return _iter_rows(self.path, self.fields)
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for _ in self)
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            if index.step is None and (index.start or 0) >= 0 and (index.stop is not None and index.stop >= 0):
+                return list(islice(self, index.start, index.stop))
+            return list(self)[index]
+        if index < 0:
+            index += len(self)
+        for row in islice(self, index, None):
+            return row
+        raise IndexError(index)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (list, Rows)) and list(self) == list(other)
+
+    def __add__(self, other) -> list[dict]:
+        return list(self) + list(other)
+
+    def __repr__(self) -> str:
+        return f"Rows({str(self.path)!r})"
 
 
 def default_output(path: str | Path) -> Path:
@@ -70,9 +113,14 @@ def prepare(
     seed: int = TrainConfig.seed,
     overwrite: bool = False,
     estimate: Callable[[Prepared], dict] | None = None,
+    progress: bool = False,
 ) -> Prepared:
-    """Read ``path``, build train/valid examples and write them with ``report.json``, atomically.
+    """Read ``path``, build train/valid examples and write them with ``report.json`` and the
+    token shards (tokens.py), atomically.
 
+    ``path`` is a file, a folder (its files of the supported types, recursively, in path order)
+    or a glob; it is read in parts and the examples are spooled to disk, so memory stays bounded
+    whatever its size. ``progress`` shows a progress bar (bytes read, MB/s) on stderr.
     ``out`` defaults to ``NAME.prepared`` beside the input; an existing one is replaced only with
     ``overwrite``. ``tokenizer`` (a Hugging Face tokenizer) defaults to ``base``'s. ``fraction``
     keeps the first part of the examples (of a book: its first part), then ``max_tokens`` keeps
@@ -82,9 +130,9 @@ def prepare(
     examples (the CLI passes ``tunesmith.estimate.report_estimate``); a TunesmithError from it
     becomes a warning.
     """
-    path = Path(path)
     _check_settings(block_size, fraction, max_tokens, valid_fraction)
-    out_dir = Path(out) if out is not None else default_output(path)
+    source, files = input_files(path, SUFFIXES, SUPPORTED)
+    out_dir = Path(out) if out is not None else default_output(source)
 
     def get_tokenizer() -> Any:  # loaded once, when first needed
         nonlocal tokenizer
@@ -94,45 +142,201 @@ def prepare(
             tokenizer = load_tokenizer(base)
         return tokenizer
 
-    corpus = read_records(path, known_word=_Lexicon(get_tokenizer))
     _check_output(out_dir, overwrite)
-    tokenizer = get_tokenizer()
-    stats: dict[str, int] = {"split": 0, "word_split": 0, "truncated": 0, "empty": 0}
-    rows, tokens = _examples(corpus, tokenizer, block_size, stats)
-    if not rows:
-        raise TunesmithError(
-            "no usable examples: every record is empty", file=path, hint="every example needs some text"
-        )
-    if dedupe:
-        rows, tokens, duplicates = _dedupe(rows, tokens)
-    else:
-        duplicates = len(rows) - len({normalised_key(row) for row in rows})
-    built, built_tokens = len(rows), sum(tokens)
-    rows, tokens = _first_part(rows, tokens, fraction, max_tokens)
-    valid_ids = _valid_indices([normalised_key(row) for row in rows], valid_fraction, seed)
-    train = [row for i, row in enumerate(rows) if i not in valid_ids]
-    valid = [row for i, row in enumerate(rows) if i in valid_ids]
-    train_tokens = sum(t for i, t in enumerate(tokens) if i not in valid_ids)
-    valid_tokens = sum(t for i, t in enumerate(tokens) if i in valid_ids)
-
     settings = {
         "fraction": fraction, "max_tokens": max_tokens, "valid_fraction": valid_fraction,
         "dedupe": dedupe, "seed": seed,
     }
+    try:
+        replace_if = lambda p: (p / "report.json").exists() or not any(p.iterdir())  # noqa: E731
+        with atomic_dir(out_dir, overwrite=overwrite, replace_if=replace_if) as tmp:
+            report = _prepare_into(tmp, source, files, out_dir, base, get_tokenizer, block_size, settings, estimate,
+                                   progress)
+    except FileExistsError:
+        raise TunesmithError(
+            "the output directory already exists", file=out_dir, hint="pass --overwrite to replace it"
+        ) from None
+    except OSError as exc:
+        raise TunesmithError(
+            f"cannot write the prepared data: {exc.strerror or exc}", file=out_dir,
+            hint="pass --out with a directory you can write to",
+        ) from None
+    return _open(out_dir, report)
+
+
+def _open(directory: Path, report: dict) -> Prepared:
+    fields = ROW_FIELDS[report["format"]]
+    ex = report["examples"]
+    return Prepared(dir=directory, report=report, train=Rows(directory / "train.jsonl", fields, ex["train"]),
+                    valid=Rows(directory / "valid.jsonl", fields, ex["valid"]))
+
+
+def _prepare_into(tmp: Path, source: Path, files: list[Path], out_dir: Path, base: Any, get_tokenizer, block_size: int,
+                  settings: dict, estimate, progress: bool) -> dict:
+    """Build the prepared data set in ``tmp``: examples are cut part by part and spooled to disk
+    with a 64-bit hash and token count each; dedupe, subset and split are decided on those
+    arrays; a second pass writes train.jsonl, valid.jsonl and the token shards."""
+    from .tokens import ShardWriter
+
+    stats: dict[str, int] = {"split": 0, "word_split": 0, "truncated": 0, "empty": 0}
+    hashes, counts = array("Q"), array("q")
+    spool = tmp / ".examples.jsonl"
+    fmt: str | None = None
+    fixes: list[str] = []
+    extra: dict[str, int] = {}
+    sources = []
+    total_bytes = sum(_size(f) for f in files)
+    with _Progress(total_bytes, progress, source.name) as bar, open(spool, "w", encoding="utf-8") as out:
+        done_bytes = 0
+        for file in files:
+            reader = Reader(file, known_word=_Lexicon(get_tokenizer))
+            first = len(hashes)
+            for part in reader.parts():
+                if fmt is None:
+                    fmt = part.format
+                elif part.format != fmt:
+                    raise TunesmithError(
+                        f"this file is in {part.format} format, but {files[0].name} is in {fmt} format",
+                        file=file, hint="prepare files of one format together",
+                    )
+                rows, tokens = _examples(part, get_tokenizer(), block_size, stats)
+                for row, n in zip(rows, tokens):
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    hashes.append(_hash(row))
+                    counts.append(n)
+                bar.update(done_bytes + reader.done_bytes)
+            done_bytes += _size(file)
+            bar.update(done_bytes)
+            prefix = f"{file.name}: " if len(files) > 1 else ""
+            fixes += [prefix + fix for fix in reader.fixes]
+            for key, n in reader.extra_fields.items():
+                extra[key] = extra.get(key, 0) + n
+            sources.append({"file": str(file.resolve()), "examples": [first, len(hashes)]})
+    if not hashes:
+        raise TunesmithError(
+            "no usable examples: every record is empty", file=source, hint="every example needs some text"
+        )
+    tokenizer = get_tokenizer()
+    corpus = Corpus(format=fmt, fixes=fixes, source=str(source), extra_fields=extra)
+    keys = np.frombuffer(hashes, dtype=np.uint64)
+    tokens_all = np.frombuffer(counts, dtype=np.int64)
+    _, first_seen = np.unique(keys, return_index=True)
+    if settings["dedupe"]:
+        kept = np.sort(first_seen)
+        duplicates = len(keys) - len(kept)
+    else:
+        kept = np.arange(len(keys))
+        duplicates = len(keys) - len(first_seen)
+    built, built_tokens = len(kept), int(tokens_all[kept].sum())
+    selected = kept[: _first_part_count(tokens_all[kept], settings["fraction"], settings["max_tokens"])]
+    valid_mask = _valid_mask(keys[selected], settings["valid_fraction"], settings["seed"])
+    tokens = tokens_all[selected]
+    train_tokens, valid_tokens = int(tokens[~valid_mask].sum()), int(tokens[valid_mask].sum())
+    n_valid = int(valid_mask.sum())
+    side = np.zeros(len(keys), dtype=np.int8)  # 0: left out, 1: train, 2: valid
+    side[selected] = np.where(valid_mask, 2, 1)
+
+    pair_rows: list[dict] = []
+    writer = ShardWriter(tmp, tokenizer, fmt)
+    with open(spool, encoding="utf-8") as rows_in, open(tmp / "train.jsonl", "w", encoding="utf-8") as train_out, \
+            open(tmp / "valid.jsonl", "w", encoding="utf-8") as valid_out:
+        for i, line in enumerate(rows_in):
+            if not side[i]:
+                continue
+            row = json.loads(line)
+            (train_out if side[i] == 1 else valid_out).write(line)
+            writer.add("train" if side[i] == 1 else "valid", row)
+            if fmt not in ("book", "text"):
+                pair_rows.append(row)
+    writer.close()
+    spool.unlink()
+    rows_seen = pair_rows if fmt not in ("book", "text") else range(len(selected))
     checks = _checks(
-        corpus, rows, tokens, stats, duplicates, dedupe, built, built_tokens, settings, tokenizer, block_size,
-        len(valid),
+        corpus, rows_seen, tokens.tolist(), stats, duplicates, settings["dedupe"], built, built_tokens, settings,
+        tokenizer, block_size, n_valid,
     )
-    report = _report(path, out_dir, corpus, base, block_size, settings, train, valid, tokens, rows, checks,
-                     (train_tokens, valid_tokens))
-    result = Prepared(dir=out_dir, report=report, train=train, valid=valid)
+    report = _report(source, out_dir, corpus, base, block_size, settings, len(selected) - n_valid, n_valid, tokens,
+                     rows_seen, checks, (train_tokens, valid_tokens))
+    report["files"] = sources
     if estimate:
         try:
-            report["estimate"] = estimate(result)
+            report["estimate"] = estimate(_open(tmp, report))
         except TunesmithError as exc:  # e.g. the base model is not installed: prepare anyway
             checks.append(_check("estimate", "warning", f"no training-time estimate: {exc.message}"))
-    _write(out_dir, overwrite, train, valid, report)
-    return result
+    write_json(tmp / "report.json", report)
+    return report
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _Progress:
+    """A rich progress bar over the input's bytes, with MB/s (only when ``enabled``)."""
+
+    def __init__(self, total: int, enabled: bool, name: str) -> None:
+        self.total, self.enabled, self.name = total, enabled, name
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = Progress(TextColumn("preparing {task.description}"), BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                                transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.name, total=self.total)
+        return self
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=min(done, self.total))
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _hash(row: dict) -> int:
+    """A 64-bit hash of ``normalised_key(row)``: equal keys, equal hashes (dedupe and the split
+    keep only these, not the texts)."""
+    return int.from_bytes(hashlib.blake2b(normalised_key(row).encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _first_part_count(tokens: np.ndarray, fraction: float, max_tokens: int | None) -> int:
+    """How many of the examples to keep: the first ``fraction``, then as many as fit ``max_tokens`` (at least one)."""
+    keep = max(1, round(len(tokens) * fraction))
+    if max_tokens is not None:
+        keep = max(1, int(np.searchsorted(np.cumsum(tokens[:keep]), max_tokens, side="right")))
+    return keep
+
+
+def _valid_mask(keys: np.ndarray, valid_fraction: float, seed: int) -> np.ndarray:
+    """``_valid_indices`` on hashes, as a boolean mask: groups of equal keys numbered by first
+    appearance, a seeded sample of the groups."""
+    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    n = len(uniq)
+    mask = np.zeros(len(keys), dtype=bool)
+    if n < 2 or valid_fraction <= 0:
+        return mask
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(n)
+    count = min(n - 1, max(1, round(n * valid_fraction)))
+    chosen = np.zeros(n, dtype=bool)
+    chosen[random.Random(seed).sample(range(n), count)] = True
+    return chosen[rank[inverse.reshape(-1)]]
 
 
 def _examples(corpus: Corpus, tokenizer: Any, block_size: int, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
@@ -145,21 +349,8 @@ def _examples(corpus: Corpus, tokenizer: Any, block_size: int, stats: dict[str, 
     return _pair_examples(corpus, tokenizer, counter, stats)
 
 
-def _first_part(rows: list[dict], tokens: list[int], fraction: float, max_tokens: int | None):
-    """The first ``fraction`` of the examples, then as many as fit ``max_tokens`` (at least one)."""
-    keep = max(1, round(len(rows) * fraction))
-    rows, tokens = rows[:keep], tokens[:keep]
-    if max_tokens is not None:
-        total, keep = 0, 0
-        while keep < len(rows) and (keep == 0 or total + tokens[keep] <= max_tokens):
-            total += tokens[keep]
-            keep += 1
-        rows, tokens = rows[:keep], tokens[:keep]
-    return rows, tokens
-
-
 def _report(path: Path, out_dir: Path, corpus: Corpus, base: Any, block_size: int, settings: dict,
-            train: list[dict], valid: list[dict], tokens: list[int], rows: list[dict], checks: list[dict],
+            n_train: int, n_valid: int, tokens: np.ndarray, rows: Sequence, checks: list[dict],
             split_tokens: tuple[int, int]) -> dict:
     train_tokens, valid_tokens = split_tokens
     return {
@@ -169,12 +360,12 @@ def _report(path: Path, out_dir: Path, corpus: Corpus, base: Any, block_size: in
         "base": str(base),
         "block_size": block_size,
         "settings": settings,
-        "examples": {"train": len(train), "valid": len(valid)},
+        "examples": {"train": n_train, "valid": n_valid},
         "tokens": {"train": train_tokens, "valid": valid_tokens},
         "tokens_per_example": {
-            "min": min(tokens),
-            "mean": round(statistics.fmean(tokens), 1),
-            "max": max(tokens),
+            "min": int(tokens.min()),
+            "mean": round(float(tokens.mean()), 1),
+            "max": int(tokens.max()),
         },
         "task": _task(corpus.format, rows),
         "checks": checks,
@@ -184,7 +375,7 @@ def _report(path: Path, out_dir: Path, corpus: Corpus, base: Any, block_size: in
 
 
 def load_prepared(path: str | Path) -> Prepared:
-    """Read a prepared directory back, checking every row."""
+    """Read a prepared directory back, checking every row (the rows are read again when used)."""
     path = Path(path)
     report_file = path / "report.json"
     if not path.is_dir():
@@ -198,12 +389,9 @@ def load_prepared(path: str | Path) -> Prepared:
     if not isinstance(report, dict) or report.get("format") not in ROW_FIELDS:
         raise TunesmithError("report.json does not name a known format", file=report_file, field="format")
     fields = ROW_FIELDS[report["format"]]
-    return Prepared(
-        dir=path,
-        report=report,
-        train=_read_rows(path / "train.jsonl", fields),
-        valid=_read_rows(path / "valid.jsonl", fields),
-    )
+    counts = [sum(1 for _ in _iter_rows(path / name, fields)) for name in ("train.jsonl", "valid.jsonl")]
+    return Prepared(dir=path, report=report, train=Rows(path / "train.jsonl", fields, counts[0]),
+                    valid=Rows(path / "valid.jsonl", fields, counts[1]))
 
 
 def format_report(report: dict) -> str:
@@ -278,46 +466,29 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _write(out_dir: Path, overwrite: bool, train: list[dict], valid: list[dict], report: dict) -> None:
+def _iter_rows(path: Path, fields: tuple[str, ...]) -> Iterator[dict]:
     try:
-        replace_if = lambda p: (p / "report.json").exists() or not any(p.iterdir())  # noqa: E731
-        with atomic_dir(out_dir, overwrite=overwrite, replace_if=replace_if) as tmp:
-            write_jsonl(tmp / "train.jsonl", train)
-            write_jsonl(tmp / "valid.jsonl", valid)
-            write_json(tmp / "report.json", report)
-    except FileExistsError:
-        raise TunesmithError(
-            "the output directory already exists", file=out_dir, hint="pass --overwrite to replace it"
-        ) from None
-    except OSError as exc:
-        raise TunesmithError(
-            f"cannot write the prepared data: {exc.strerror or exc}", file=out_dir,
-            hint="pass --out with a directory you can write to",
-        ) from None
-
-
-def _read_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
+        fh = open(path, encoding="utf-8")
     except FileNotFoundError:
         raise TunesmithError("missing file in the prepared directory", file=path) from None
-    except UnicodeDecodeError:
-        raise TunesmithError("not valid UTF-8", file=path) from None
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    with fh:
+        number = 0
         try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise TunesmithError(f"malformed JSON: {exc}", file=path, line=number) from None
-        if not isinstance(row, dict):
-            raise TunesmithError("expected a JSON object", file=path, line=number)
-        for name in fields:
-            if not isinstance(row.get(name), str):
-                raise TunesmithError("missing or not a string", file=path, line=number, field=name)
-        rows.append(row)
-    return rows
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise TunesmithError(f"malformed JSON: {exc}", file=path, line=number) from None
+                if not isinstance(row, dict):
+                    raise TunesmithError("expected a JSON object", file=path, line=number)
+                for name in fields:
+                    if not isinstance(row.get(name), str):
+                        raise TunesmithError("missing or not a string", file=path, line=number, field=name)
+                yield row
+        except UnicodeDecodeError:
+            raise TunesmithError("not valid UTF-8", file=path, line=number + 1) from None
 
 
 def _duration(seconds: float) -> str:
@@ -350,6 +521,13 @@ class _TokenCounter:
         """The first (or last) ``limit`` tokens' worth of ``text``, at token boundaries."""
         if limit <= 0:
             return ""
+        window = limit * 16  # characters; widened while the window holds fewer than ``limit`` tokens
+        while len(text) > window:
+            part = text[:window] if keep == "start" else text[-window:]
+            if self.one(part) > limit + 1:
+                text = part
+                break
+            window *= 4
         while True:
             offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             if len(offsets) <= limit:
@@ -420,6 +598,7 @@ def _units(paragraphs: list[str], counter: _TokenCounter, stats: dict[str, int])
     """
     budget = counter.budget
     units = []
+    paragraphs = _bounded(paragraphs, stats)
     for text, count in zip(paragraphs, counter.many(paragraphs)):
         if count <= budget:
             unit = _Unit(text, count, "\n\n")
@@ -428,6 +607,26 @@ def _units(paragraphs: list[str], counter: _TokenCounter, stats: dict[str, int])
         stats["split"] += 1
         units.extend(_sentence_units(_Unit(text, count, "\n\n"), counter, stats))
     return units
+
+
+def _bounded(paragraphs: list[str], stats: dict[str, int]) -> list[str]:
+    """Paragraphs of at most ``MAX_LINE`` characters: a longer one (it cannot fit a block anyway)
+    is cut at the last line break or space before the limit, so a tokenizer never sees a text
+    of unbounded size (counted as split paragraphs)."""
+    out = []
+    for text in paragraphs:
+        if len(text) <= MAX_LINE:
+            out.append(text)
+            continue
+        stats["split"] += 1
+        while len(text) > MAX_LINE:
+            cut = max(text.rfind("\n", MAX_LINE // 2, MAX_LINE), text.rfind(" ", MAX_LINE // 2, MAX_LINE))
+            cut = cut if cut > 0 else MAX_LINE
+            out.append(text[:cut].rstrip())
+            text = text[cut:].lstrip()
+        if text:
+            out.append(text)
+    return out
 
 
 def _sentence_units(unit: _Unit, counter: _TokenCounter, stats: dict[str, int]) -> list[_Unit]:
@@ -562,7 +761,7 @@ def _text_examples(corpus: Corpus, counter: _TokenCounter, stats: dict[str, int]
         if not text.strip():
             stats["empty"] += 1
             continue
-        if counter.one(text) <= counter.budget:
+        if len(text) <= MAX_LINE and counter.one(text) <= counter.budget:
             texts.append(text)  # a document that fits stays exactly as written
             continue
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -162,3 +163,262 @@ def read_text_file(path: str | Path) -> str:
     """A text file's contents: UTF-8, UTF-16 with a byte-order mark, or Windows-1252/Latin-1
     (see corpus.read_text)."""
     return read_text(path)
+
+
+# --- token shards: a prepared data set's token stream on disk ---------------------------------
+#
+# ``prepare`` writes, per split (train, valid), the token ids of its examples in order, each
+# encoded as ``encode_example`` encodes it (books with the paragraph joiner, records with EOS),
+# into ``tokens-SPLIT-NNNNN.bin`` (raw uint16 where the vocabulary fits, else uint32; at most
+# ``SHARD_TOKENS`` per file), ``examples-SPLIT.npy`` ((n, 2) int64: each example's first token
+# and prompt length) and the index ``tokens.json``. ``open_shards`` maps them (numpy memmap) and
+# gives ``ShardBlocks``: the same blocks ``make_blocks`` builds, cut from the files on demand.
+
+SHARD_INDEX = "tokens.json"
+SHARD_FORMAT = 1
+SHARD_TOKENS = 1 << 28
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the shards' ids depend on: the tokenizer's vocabulary and rules, its EOS token."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = backend.to_str()
+    elif hasattr(tokenizer, "get_vocab"):
+        spec = repr(sorted(tokenizer.get_vocab().items()))
+    else:
+        spec = type(tokenizer).__qualname__
+    return hashlib.sha256(f"{spec}\0{tokenizer.eos_token_id}".encode()).hexdigest()[:32]
+
+
+class ShardWriter:
+    """Writes the shards of one prepared data set into ``directory`` (call ``add`` per example in
+    order, then ``close``)."""
+
+    def __init__(self, directory: Path, tokenizer, fmt: str) -> None:
+        self.dir = Path(directory)
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.joiner = book_joiner(tokenizer) if fmt == "book" else None
+        try:
+            size = len(tokenizer)
+        except TypeError:  # a tokenizer that does not say its vocabulary size
+            size = None
+        self.dtype = np.uint16 if size is not None and size <= np.iinfo(np.uint16).max else np.uint32
+        self.splits: dict[str, dict] = {}
+        self.pending: dict[str, list[dict]] = {}
+
+    def add(self, split: str, row: dict) -> None:
+        self.pending.setdefault(split, []).append(row)
+        if len(self.pending[split]) >= 512:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        rows = self.pending.pop(split, [])
+        if not rows:
+            return
+        if "text" in rows[0]:  # the same ids as encode_example, tokenized as a batch
+            eos = self.tokenizer.eos_token_id
+            encoded = []
+            for ids in self.tokenizer([r["text"] for r in rows], add_special_tokens=False)["input_ids"]:
+                ids = list(ids)
+                if self.joiner:
+                    ids += self.joiner
+                elif not ids or ids[-1] != eos:
+                    ids.append(eos)
+                encoded.append((ids, 0))
+        else:
+            encoded = []
+            for row in rows:
+                ids, mask = encode_example(row, self.tokenizer)
+                encoded.append((ids, mask.index(True) if True in mask else len(mask)))
+        state = self.splits.setdefault(split, {"files": [], "tokens": 0, "examples": [], "fh": None, "in_file": 0})
+        for ids, prompt in encoded:
+            state["examples"].append((state["tokens"], prompt))
+            at = 0
+            while at < len(ids):
+                if state["fh"] is None or state["in_file"] >= SHARD_TOKENS:
+                    if state["fh"] is not None:
+                        state["fh"].close()
+                    name = f"tokens-{split}-{len(state['files']):05d}.bin"
+                    state["files"].append({"file": name, "tokens": 0})
+                    state["fh"] = open(self.dir / name, "wb")
+                    state["in_file"] = 0
+                take = ids[at : at + SHARD_TOKENS - state["in_file"]]
+                np.asarray(take, dtype=self.dtype).tofile(state["fh"])
+                state["in_file"] += len(take)
+                state["files"][-1]["tokens"] += len(take)
+                state["tokens"] += len(take)
+                at += len(take)
+
+    def close(self) -> dict:
+        """Write the example tables and the index; return the index."""
+        for split in list(self.pending):
+            self._flush(split)
+        index = {"format": SHARD_FORMAT, "data_format": self.fmt, "dtype": np.dtype(self.dtype).name,
+                 "tokenizer": tokenizer_fingerprint(self.tokenizer), "splits": {}}
+        for split, state in self.splits.items():
+            if state["fh"] is not None:
+                state["fh"].close()
+            table = np.asarray(state["examples"], dtype=np.int64).reshape(-1, 2)
+            np.save(self.dir / f"examples-{split}.npy", table)
+            index["splits"][split] = {"files": state["files"], "tokens": state["tokens"], "examples": len(table)}
+        from .atomic import write_json
+
+        write_json(self.dir / SHARD_INDEX, index)
+        return index
+
+
+def write_shards(directory: Path, splits: dict[str, Iterable[dict]], tokenizer, fmt: str) -> dict:
+    """Shards of already prepared rows (``{"train": rows, "valid": rows}``) in ``directory``."""
+    writer = ShardWriter(directory, tokenizer, fmt)
+    for split, rows in splits.items():
+        for row in rows:
+            writer.add(split, row)
+    return writer.close()
+
+
+def open_shards(directory: Path, tokenizer, block_size: int, fmt: str | None) -> dict | None:
+    """``{"train": ShardBlocks, "valid": ShardBlocks or None}`` from ``directory``'s shards, or
+    None when it has none, or none for this tokenizer and format (then tokenize the rows)."""
+    import json
+
+    try:
+        index = json.loads((Path(directory) / SHARD_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(index, dict) or index.get("format") != SHARD_FORMAT or index.get("data_format") != fmt
+            or index.get("tokenizer") != tokenizer_fingerprint(tokenizer)):
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: dict = {"train": None, "valid": None}
+    for split, entry in index.get("splits", {}).items():
+        if entry.get("examples"):
+            out[split] = ShardBlocks(Path(directory), split, entry, np.dtype(index["dtype"]), block_size, pad,
+                                     records=fmt in RECORD_FORMATS)
+    return out
+
+
+class _Field:
+    """``blocks.ids[index]`` and the like, gathered from the shards on demand."""
+
+    def __init__(self, blocks: ShardBlocks, name: str) -> None:
+        self.blocks, self.name = blocks, name
+
+    def __getitem__(self, index):
+        rest = ()
+        if isinstance(index, tuple):
+            index, rest = index[0], index[1:]
+        rows = np.arange(len(self.blocks))[index]
+        single = np.ndim(rows) == 0
+        arrays = self.blocks._gather(np.atleast_1d(rows))
+        value = arrays[self.name][0] if single else arrays[self.name]
+        return value[rest] if rest else value
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.blocks), self.blocks.block_size + 1)
+
+
+class ShardBlocks:
+    """The blocks ``make_blocks`` builds, read from shards on demand: ``ids[index]``,
+    ``mask[index]`` (and ``segments``/``positions`` for records) as numpy arrays."""
+
+    def __init__(self, directory: Path, split: str, entry: dict, dtype, block_size: int, pad_id: int,
+                 records: bool) -> None:
+        self._maps = [np.memmap(directory / f["file"], dtype=dtype, mode="r") if f["tokens"] else np.zeros(0, dtype)
+                      for f in entry["files"]]
+        self._starts = np.cumsum([0] + [f["tokens"] for f in entry["files"]])
+        self.total = int(self._starts[-1])
+        self._block = block_size
+        self._pad = pad_id
+        self.ids = _Field(self, "ids")
+        self.mask = _Field(self, "mask")
+        if records:
+            table = np.load(directory / f"examples-{split}.npy")
+            self._layout(table)
+            self.segments: _Field | None = _Field(self, "segments")
+            self.positions: _Field | None = _Field(self, "positions")
+        else:
+            if self.total < 2:
+                raise ValueError("need at least two tokens to train on")
+            self._rows = max(1, -(-(self.total - 1) // block_size))
+            self.segments = self.positions = None
+
+    @property
+    def block_size(self) -> int:
+        return self._block
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def _tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the split's stream, across shard files."""
+        stop = min(stop, self.total)
+        parts = []
+        k = int(np.searchsorted(self._starts, start, side="right") - 1)
+        while start < stop:
+            end = min(stop, int(self._starts[k + 1]))
+            parts.append(np.asarray(self._maps[k][start - self._starts[k] : end - self._starts[k]], dtype=np.int64))
+            start, k = end, k + 1
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _layout(self, table: np.ndarray) -> None:
+        """pack_examples' first-fit layout, as (token start, length, prompt end) pieces per row."""
+        width = self._block + 1
+        ends = np.append(table[1:, 0], self.total) if len(table) else np.zeros(0, np.int64)
+        piece_start, piece_len, piece_prompt, row_of = [], [], [], []
+        used, row = width, -1
+        for (start, prompt), end in zip(table.tolist(), ends.tolist()):
+            length = end - start
+            if length < 2:
+                continue
+            for at in range(0, max(length - 1, 1), self._block):
+                n = min(width, length - at)
+                if used + n > width:
+                    row += 1
+                    used = 0
+                piece_start.append(start + at)
+                piece_len.append(n)
+                piece_prompt.append(start + prompt)
+                row_of.append(row)
+                used += n
+        if not piece_start:
+            raise ValueError("need at least two tokens to train on")
+        self._piece_start = np.asarray(piece_start, dtype=np.int64)
+        self._piece_len = np.asarray(piece_len, dtype=np.int64)
+        self._piece_prompt = np.asarray(piece_prompt, dtype=np.int64)
+        self._row_ptr = np.searchsorted(np.asarray(row_of), np.arange(row + 2))
+        self._rows = row + 1
+
+    def _gather(self, rows: np.ndarray) -> dict:
+        width = self._block + 1
+        ids = np.full((len(rows), width), self._pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        if self.segments is None:
+            for r, block in enumerate(rows):
+                piece = self._tokens(int(block) * self._block, int(block) * self._block + width)
+                ids[r, : len(piece)] = piece
+                mask[r, : len(piece)] = True
+            return {"ids": ids, "mask": mask}
+        segments = np.zeros((len(rows), width), dtype=np.int32)
+        positions = np.zeros((len(rows), width), dtype=np.int64)
+        for r, block in enumerate(rows):
+            at = 0
+            first, last = int(self._row_ptr[block]), int(self._row_ptr[block + 1])
+            for segment, p in enumerate(range(first, last)):
+                start, n = int(self._piece_start[p]), int(self._piece_len[p])
+                ids[r, at : at + n] = self._tokens(start, start + n)
+                mask[r, at : at + n] = np.arange(start, start + n) >= self._piece_prompt[p]
+                mask[r, at] = False
+                segments[r, at : at + n] = segment
+                positions[r, at : at + n] = np.arange(n)
+                at += n
+            segments[r, at:] = last - first
+            positions[r, at:] = np.arange(width - at)
+        return {"ids": ids, "mask": mask, "segments": segments, "positions": positions}
