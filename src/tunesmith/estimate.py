@@ -200,9 +200,9 @@ def plan(data: str | Path, config: TrainConfig | None = None, *, validation: str
     tok = load_tokenizer(cfg.base)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = load_data(data, cfg, tok, Path(tmp) / "data", validation)
-    train, valid = pack_data(prepared, tok, cfg.block_size)
-    data_seconds = time.perf_counter() - start
-    prompts = len(cfg.sample_prompts or _default_prompts(prepared))
+        train, valid = pack_data(prepared, tok, cfg.block_size)
+        prompts = len(cfg.sample_prompts or _default_prompts(prepared))
+        data_seconds = time.perf_counter() - start
     est = _estimate(cfg, train, valid, prompts, data_seconds)
     counts, cal = est["counts"], est["calibration"]
     return {
@@ -232,7 +232,7 @@ def report_estimate(prepared) -> dict:
     cfg = TrainConfig(base=prepared.report["base"], block_size=prepared.report["block_size"])
     start = time.perf_counter()
     tok = load_tokenizer(cfg.base)
-    rows = {"train": prepared.train, "valid": prepared.valid, "report": prepared.report}
+    rows = {"train": prepared.train, "valid": prepared.valid, "report": prepared.report, "dir": prepared.dir}
     train, valid = pack_data(rows, tok, cfg.block_size)
     est = _estimate(cfg, train, valid, len(_default_prompts(rows)), time.perf_counter() - start)
     return {

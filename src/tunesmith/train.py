@@ -247,8 +247,8 @@ def load_data(data: str | Path, cfg: TrainConfig, tokenizer, data_dir: Path, val
         from .wording import counted
 
         held = _examples(validation, cfg, tokenizer, data_dir / "validation", hold_out=False)
-        shutil.rmtree(data_dir / "validation", ignore_errors=True)
         train, valid = train + valid, held.train + held.valid
+        shutil.rmtree(data_dir / "validation", ignore_errors=True)
         seen = {normalised_key(row) for row in train}
         shared = sum(normalised_key(row) in seen for row in valid)
         if shared:
@@ -266,7 +266,18 @@ def load_data(data: str | Path, cfg: TrainConfig, tokenizer, data_dir: Path, val
         write_jsonl(data_dir / "train.jsonl", train)
         write_jsonl(data_dir / "valid.jsonl", valid)
         write_json(data_dir / "report.json", prepared.report)
-    return {"train": train, "valid": valid, "report": prepared.report, "warnings": warnings}
+        for name in _shard_files(data_dir):  # the rows changed: tokenized again when training starts
+            (data_dir / name).unlink()
+    return {"train": train, "valid": valid, "report": prepared.report, "warnings": warnings, "dir": data_dir}
+
+
+def _shard_files(directory: Path) -> list[str]:
+    """The token shard files of a prepared directory (tokens.py), the index last."""
+    from .tokens import SHARD_INDEX
+
+    names = sorted(p.name for p in Path(directory).glob("tokens-*.bin")) + \
+        sorted(p.name for p in Path(directory).glob("examples-*.npy"))
+    return names + ([SHARD_INDEX] if (Path(directory) / SHARD_INDEX).exists() else [])
 
 
 def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_out: bool):
@@ -278,7 +289,7 @@ def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_o
     if path.is_dir():
         prepared = load_prepared(path)
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("train.jsonl", "valid.jsonl", "report.json"):
+        for name in ("train.jsonl", "valid.jsonl", "report.json", *_shard_files(path)):
             if (path / name).exists():
                 shutil.copy2(path / name, out / name)
         return prepared
@@ -288,13 +299,33 @@ def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_o
     )
 
 
+def _moved(prepared: dict, data_dir: Path) -> dict:
+    """``prepared`` with its rows read from ``data_dir``, where the scratch directory was moved."""
+    from .prepare import load_prepared
+
+    moved = load_prepared(data_dir)
+    return {**prepared, "train": moved.train, "valid": moved.valid, "dir": data_dir}
+
+
 def pack_data(prepared: dict, tok, block_size: int):
     """Training and validation blocks of ``prepared`` (as load_data returns it), as the run
     trains on them (tokens.make_blocks: books join their pieces by a paragraph break, records get
-    one attention segment each). The time estimate counts blocks with this too."""
-    from .tokens import make_blocks
+    one attention segment each). The time estimate counts blocks with this too.
+
+    Where ``prepared["dir"]`` holds token shards for this tokenizer (tokens.py), the blocks are
+    read from them on demand (the same blocks, in the same order); a directory without them (one
+    prepared by an older version) gets them written first, from its rows."""
+    from .tokens import make_blocks, open_shards, write_shards
 
     fmt = (prepared.get("report") or {}).get("format")
+    directory = prepared.get("dir")
+    if directory is not None and Path(directory).is_dir() and fmt:
+        shards = open_shards(Path(directory), tok, block_size, fmt)
+        if shards is None:
+            write_shards(Path(directory), {"train": prepared["train"], "valid": prepared["valid"]}, tok, fmt)
+            shards = open_shards(Path(directory), tok, block_size, fmt)
+        if shards is not None and shards["train"] is not None:
+            return shards["train"], shards["valid"]
     train_blocks = make_blocks(prepared["train"], tok, block_size, fmt)
     valid_blocks = make_blocks(prepared["valid"], tok, block_size, fmt) if prepared["valid"] else None
     return train_blocks, valid_blocks
@@ -363,6 +394,7 @@ def finetune(
         write_json(tmp / "config.json", config)
         write_json(tmp / "status.json", {"status": "running", "step": 0, "updated": time.time()})
     run = Run(out)
+    prepared = _moved(prepared, run.path / "data")
     with run.training_lock():
         _guarded_train(run, cfg, prepared, emit, should_stop, progress, samples, resume=False)
     return run
@@ -414,7 +446,8 @@ def resume(
         checkpoints = run.checkpoints()
         need = _dir_bytes(Path(checkpoints[-1]["path"])) + _dir_bytes(run.weights_dir) if checkpoints else None
         check_free_space(run.path, need or checkpoint_bytes(cfg, resolve(cfg.base)))
-        _guarded_train(run, cfg, {"train": prepared.train, "valid": prepared.valid, "report": prepared.report},
+        _guarded_train(run, cfg, {"train": prepared.train, "valid": prepared.valid, "report": prepared.report,
+                                  "dir": run.path / "data"},
                        on_event or (lambda event: None), should_stop, progress, samples, resume=True)
     return run
 
