@@ -57,7 +57,8 @@ def models_list() -> None:
 @app.command()
 @user_errors
 def prepare(
-    file: Path = typer.Argument(..., help="a book (.txt/.md), .jsonl/.json records, or .csv/.tsv"),
+    file: Path = typer.Argument(..., help="a book (.txt/.md), .jsonl/.json records, .csv/.tsv/.xlsx, or a folder "
+                                          "or quoted glob ('books/*.txt') of them"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="output dir (default: NAME.prepared beside the input)"),
     base: str = typer.Option(spec(TrainConfig, "base")["default"], help="base model whose tokenizer counts tokens"),
     block_size: int = _setting(TrainConfig, "block_size"),
@@ -77,10 +78,10 @@ def prepare(
     result = prepare_api(
         file, out=out_dir, base=base, block_size=block_size, fraction=fraction, max_tokens=max_tokens,
         valid_fraction=valid_fraction, dedupe=dedupe, seed=seed, overwrite=overwrite,
-        estimate=report_estimate if estimate else None,
+        estimate=report_estimate if estimate else None, progress=True,
     )
     out.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
-    out.print(f"\nwrote [bold]{escape(str(result.dir))}[/]  (train.jsonl, valid.jsonl, report.json)")
+    out.print(f"\nwrote [bold]{escape(str(result.dir))}[/]  (train.jsonl, valid.jsonl, report.json, token shards)")
     out.print(f"next: tunesmith train {shlex.quote(str(result.dir))}", markup=False, highlight=False, soft_wrap=True)
 
 

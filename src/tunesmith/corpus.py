@@ -195,12 +195,7 @@ def _jsonl_parts(file: TextFile, path: Path, suffix: str) -> Iterator[Corpus]:
     items: list[tuple[int, Any]] = []
     fmt: tuple[str, int] | None = None
     seen_text = False
-    for number, line in file.lines(max_line=MAX_RECORD + 1):
-        if len(line) > MAX_RECORD:
-            raise TunesmithError(
-                f"this line is over {MAX_RECORD:,} characters long; one record cannot be that large",
-                file=path, line=number, hint="split the text into several records",
-            )
+    for number, line in file.lines(max_line=MAX_RECORD, refuse_over=MAX_RECORD):
         if not line.strip():
             continue
         seen_text = True
@@ -250,7 +245,7 @@ _PG_PRODUCER = re.compile(
     r"|transcriber'?s? note)",
     re.IGNORECASE,
 )
-_SPACES = re.compile(r"[ \t\u00a0]+")
+_SPACES = re.compile(r"[ \t\u00a0]{2,}|[\t\u00a0]")  # what needs changing: runs, tabs, no-break spaces
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # A line ending in a word and one hyphen (not a "--" dash): the head of a word split at the line break.
 _HYPHEN_END = re.compile(r"(?<![-\w])([^\W\d_]+)-$")
@@ -406,6 +401,16 @@ def _join_hyphenated(head: str, tail: str, vocabulary: Counter, known_word: Call
     return not (seen(head) and seen(tail))
 
 
+def _at_end(pattern: re.Pattern, line: str) -> re.Match | None:
+    """``pattern.search(line)`` for a pattern anchored at the end: only the line's tail is
+    searched (a regex search of a 1 MiB line from every position is slow), unless the match
+    reaches the tail's start."""
+    if len(line) <= 256:
+        return pattern.search(line)
+    match = pattern.search(line, len(line) - 256)
+    return pattern.search(line) if match and match.start() == len(line) - 256 else match
+
+
 def _vocabulary(blocks: list[list[tuple[int, str]]]) -> Counter:
     """How often each lower-cased word is seen whole in the book, to decide how to mend hyphenations.
 
@@ -417,17 +422,18 @@ def _vocabulary(blocks: list[list[tuple[int, str]]]) -> Counter:
     for block in blocks:
         split_before = False
         for _, line in block:
-            found = _WORD.findall(line)
-            if split_before and found and line.startswith(found[0]):
+            low = line.lower()  # one call per line, not per word
+            found = _WORD.findall(low)
+            if split_before and found and low.startswith(found[0]):
                 found = found[1:]  # the tail of a word split at the previous line's end
-            split_before = bool(_HYPHEN_END.search(line))
+            split_before = bool(_at_end(_HYPHEN_END, line))
             if split_before and found:
                 found = found[:-1]  # the head of a word split at this line's end
-            for word in found:
-                word = word.lower()
-                words[word] += 1
-                if "-" in word:
-                    words.update(word.split("-"))
+            words.update(found)
+            if "-" in low:
+                for word in found:
+                    if "-" in word:
+                        words.update(word.split("-"))
     return words
 
 
@@ -488,7 +494,7 @@ def _flow(
         if len(prev) < 0.6 * width:
             text += "\n" + line  # a short line inside wrapped prose is a real break (a signature, a list)
             continue
-        hyphen = _HYPHEN_END.search(prev)
+        hyphen = _at_end(_HYPHEN_END, prev)
         tail = _WORD.match(line)
         if hyphen and tail:
             tail_word = tail.group(0).split("-")[0]
@@ -500,7 +506,7 @@ def _flow(
             else:
                 text += line  # a compound ("pack-saddle", "Anglo-Saxon"): keep the hyphen, no space
             continue
-        if _DASH_END.search(prev):
+        if _at_end(_DASH_END, prev):
             text += line  # a dash written without spaces ("fire--burned") stays without spaces
             continue
         text += " " + line

@@ -144,16 +144,18 @@ class TextFile:
         """The codec of the file (see the module docstring), from one pass over its bytes."""
         decoder = codecs.getincrementaldecoder("utf-8")()
         offset = newlines = 0
-        first = b""
         bad: tuple[int, int, int] | None = None  # (offset, line, byte) of the first non-UTF-8 byte
         undefined = c1 = False
+        try:
+            with open(self.path, "rb") as fh:
+                first = fh.read(4096)
+        except OSError as exc:
+            raise TunesmithError(f"cannot read the file: {exc.strerror or exc}", file=self.path) from None
+        if first.startswith((b"\xff\xfe", b"\xfe\xff")):
+            order = "little-endian" if first.startswith(b"\xff\xfe") else "big-endian"
+            self.fixes.append(f"decoded UTF-16 ({order}) text; UTF-8 is the usual encoding for training files")
+            return "utf-16"
         for block in self._blocks():
-            if not first:
-                first = block[:4096]
-                if block.startswith((b"\xff\xfe", b"\xfe\xff")):
-                    order = "little-endian" if block.startswith(b"\xff\xfe") else "big-endian"
-                    self.fixes.append(f"decoded UTF-16 ({order}) text; UTF-8 is the usual encoding for training files")
-                    return "utf-16"
             nul = block.find(b"\x00")
             if nul >= 0:
                 self._raise_nul(first, block, offset + nul, newlines + block.count(b"\n", 0, nul) + 1)
@@ -191,7 +193,7 @@ class TextFile:
         return "cp1252"
 
     def _raise_nul(self, first: bytes, block: bytes, at: int, line: int) -> None:
-        utf16 = _utf16_without_bom(first or block)
+        utf16 = _utf16_without_bom(first)
         if utf16:
             codec = "UTF-16LE" if utf16 == "little-endian" else "UTF-16BE"
             raise TunesmithError(
@@ -223,41 +225,53 @@ class TextFile:
             yield tail
         self.check_unchanged()
 
-    def lines(self, max_line: int = MAX_LINE) -> Iterator[tuple[int, str]]:
+    def lines(self, max_line: int = MAX_LINE, refuse_over: int | None = None) -> Iterator[tuple[int, str]]:
         """``(line number, text)`` for each line (CRLF and CR are line ends too). A line longer
         than ``max_line`` characters comes as several pieces with the same number, broken at the
-        last space before the limit (or at the limit where there is none)."""
+        last space before the limit (or at the limit where there is none); with ``refuse_over``,
+        a line longer than that is an error instead. Each block is scanned once, so the time is
+        linear in the size of the file however long its lines are."""
         crlf = cr = broken = broken_at = 0
         number = 1
-        carry = ""
+        pending: list[str] = []  # the pieces of the line being read
+        size = 0
+        held = ""  # a CR at the end of a block: its LF may start the next one
         for chunk in self.chunks():
-            text = carry + chunk
-            hold = text.endswith("\r")  # its "\n" may start the next chunk
-            if hold:
-                text = text[:-1]
-            crlf += text.count("\r\n")
-            text = text.replace("\r\n", "\n")
-            cr += text.count("\r")
-            text = text.replace("\r", "\n")
-            parts = text.split("\n")
-            carry = parts.pop()
-            for part in parts:
-                yield number, part
+            chunk = held + chunk
+            held = "\r" if chunk.endswith("\r") else ""
+            if held:
+                chunk = chunk[:-1]
+            crlf += chunk.count("\r\n")
+            chunk = chunk.replace("\r\n", "\n")
+            cr += chunk.count("\r")
+            chunk = chunk.replace("\r", "\n")
+            parts = chunk.split("\n")
+            for part in parts[:-1]:
+                pending.append(part)
+                yield number, "".join(pending)
                 number += 1
-            if len(carry) > max_line:
-                broken += broken_at != number
+                pending, size = [], 0
+            pending.append(parts[-1])
+            size += len(parts[-1])
+            if refuse_over is not None and size > refuse_over:
+                raise TunesmithError(
+                    f"this line is over {refuse_over:,} characters long; one record cannot be that large",
+                    file=self.path, line=number, hint="split the text into several records",
+                )
+            if size > max_line:
+                carry = "".join(pending)
+                broken += broken_at != number  # each line counted once
                 broken_at = number
-            while len(carry) > max_line:
-                piece, carry = _break(carry, max_line)
-                yield number, piece
-            if hold:
-                carry += "\r"
-        if carry.endswith("\r"):
+                while len(carry) > max_line:
+                    piece, carry = _break(carry, max_line)
+                    yield number, piece
+                pending, size = [carry], len(carry)
+        if held:
             cr += 1
-            yield number, carry[:-1]
+            yield number, "".join(pending)
             number += 1
-            carry = ""
-        yield number, carry
+            pending = []
+        yield number, "".join(pending)
         if crlf:
             self.fixes.append(f"normalised {counted(crlf, 'CRLF line ending')}")
         if cr:

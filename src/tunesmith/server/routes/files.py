@@ -42,7 +42,7 @@ def upload_file(file: UploadFile = File(...), purpose: str = Form(...), store: S
     ext = Path(filename).suffix.lower()
     if not EXT_RE.match(ext):
         raise APIError(400, f"{filename}: the file needs an extension that says its format "
-                       "(.txt, .md, .jsonl, .json, .csv or .tsv)", param="file", code="invalid_file_format")
+                       "(.txt, .md, .jsonl, .json, .csv, .tsv or .xlsx)", param="file", code="invalid_file_format")
     file_id = new_id("file")
     store.files_dir.mkdir(parents=True, exist_ok=True)
     tmp = store.files_dir / f".upload-{file_id}{ext}"
