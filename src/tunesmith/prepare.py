@@ -510,9 +510,11 @@ class _TokenCounter:
         self.budget = budget
 
     def many(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        counts: list[int] = []
+        for start in range(0, len(texts), 512):  # in batches: a batch's encodings hold ~100 bytes a token
+            batch = texts[start : start + 512]
+            counts += [len(ids) for ids in self.tokenizer(batch, add_special_tokens=False)["input_ids"]]
+        return counts
 
     def one(self, text: str) -> int:
         return self.many([text])[0]
