@@ -189,37 +189,54 @@ def _alnum(text: str) -> str:
 class _SourceMap:
     """The original file as one string of letters and digits, with the line of each character."""
 
-    def __init__(self, path: Path, kind: str) -> None:
+    def __init__(self, path: Path, kind: str, files: list[Path] | None = None) -> None:
         self.path = path
         self.name = path.name
+        self.files = files or [path]  # a prepared folder or glob: each of its files, in order
         self.headings: list[tuple[int, str]] = []
+        self.file_headings: list[list[tuple[int, str]]] = []
         pieces: list[str] = []
         self.mark_pos: list[int] = []
         self.mark_line: list[int] = []
+        self.mark_file: list[int] = []
         pos = 0
-        if kind == "book":
-            raw = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
-            lines = raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-            self.headings = _headings(lines)
-            segments: Iterable[tuple[int, str]] = enumerate(lines, start=1)
-        else:
-            from .corpus import read_records
+        for index, file in enumerate(self.files):
+            if kind == "book":
+                raw = file.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
+                lines = raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                self.file_headings.append(_headings(lines))
+                segments: Iterable[tuple[int, str]] = enumerate(lines, start=1)
+            else:
+                from .corpus import read_records
 
-            segments = ((r["line"], _record_text(r)) for r in read_records(path).records)
-        for line, text in segments:
-            piece = _alnum(text)
-            self.mark_pos.append(pos)
-            self.mark_line.append(line)
-            pieces.append(piece)
-            pos += len(piece)
+                self.file_headings.append([])
+                segments = ((r["line"], _record_text(r)) for r in read_records(file).records)
+            for line, text in segments:
+                piece = _alnum(text)
+                self.mark_pos.append(pos)
+                self.mark_line.append(line)
+                self.mark_file.append(index)
+                pieces.append(piece)
+                pos += len(piece)
+        self.headings = self.file_headings[0] if len(self.files) == 1 else []
         self.stream = "".join(pieces)
 
     def line_at(self, pos: int) -> int:
         return self.mark_line[max(0, bisect.bisect_right(self.mark_pos, pos) - 1)]
 
-    def heading_at(self, line: int) -> str | None:
-        k = bisect.bisect_right(self.headings, (line, "\uffff")) - 1
-        return self.headings[k][1] if k >= 0 else None
+    def file_at(self, pos: int) -> str:
+        """The name of the file at ``pos`` (relative to a prepared folder where there is one)."""
+        file = self.files[self.mark_file[max(0, bisect.bisect_right(self.mark_pos, pos) - 1)]]
+        if len(self.files) > 1 and self.path.is_dir() and file.is_relative_to(self.path):
+            return str(file.relative_to(self.path))
+        return file.name
+
+    def heading_at(self, line: int, pos: int | None = None) -> str | None:
+        headings = self.headings
+        if pos is not None:
+            headings = self.file_headings[self.mark_file[max(0, bisect.bisect_right(self.mark_pos, pos) - 1)]]
+        k = bisect.bisect_right(headings, (line, "\uffff")) - 1
+        return headings[k][1] if k >= 0 else None
 
 
 def _headings(lines: list[str]) -> list[tuple[int, str]]:
@@ -258,6 +275,7 @@ class _Source:
     original: Path | None  # the user's original file, for line numbers
     rows_file: Path | None  # train.jsonl, or None for a raw file
     display: str  # how a location names the rows when the original file is gone
+    files: list[Path] | None = None  # the files of a prepared folder or glob (report.json "files")
 
 
 def _resolve(source: str | Path) -> _Source:
@@ -308,10 +326,12 @@ def _prepared_source(data: Path, index_dir: Path, tokenizer_dir: Path | None) ->
     if tokenizer_file is None or not tokenizer_file.is_file():
         tokenizer_file = _base_tokenizer(report.get("base"))
     original = Path(report["source"]) if isinstance(report.get("source"), str) else None
+    listed = [Path(f["file"]) for f in report.get("files") or [] if isinstance(f, dict) and isinstance(f.get("file"), str)]
+    files = listed if len(listed) > 1 and all(f.is_file() for f in listed) else None
     return _Source(
         data=data / "train.jsonl", index_dir=index_dir, tokenizer_file=tokenizer_file,
         kind=report.get("format", "text"), original=original, rows_file=data / "train.jsonl",
-        display=str(data / "train.jsonl"),
+        display=str(data / "train.jsonl"), files=files,
     )
 
 
@@ -826,9 +846,10 @@ class CopyIndex:
         if self._source_map is None:
             self._source_map = False
             original = self.source.original if self.source else None
-            if original is not None and original.is_file():
+            files = self.source.files if self.source else None
+            if original is not None and (original.is_file() or files):
                 try:
-                    self._source_map = _SourceMap(original, self.meta.get("kind", "text"))
+                    self._source_map = _SourceMap(original, self.meta.get("kind", "text"), files)
                 except (OSError, TunesmithError):
                     self._source_map = False
         return self._source_map or None
@@ -868,7 +889,8 @@ class CopyIndex:
             if first >= 0:
                 line = smap.line_at(first)
                 end_line = smap.line_at(first + max(0, len(_alnum(text)) - 1))
-                return Location(line=line, heading=smap.heading_at(line), file=smap.name, end_line=end_line)
+                return Location(line=line, heading=smap.heading_at(line, first), file=smap.file_at(first),
+                                end_line=end_line)
         name = self.source.display if self.source else "corpus"
         return Location(line=row + 1, heading=None, file=name, end_line=row + 1)
 
