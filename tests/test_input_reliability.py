@@ -287,6 +287,40 @@ def test_any_bytes_read_or_fail_cleanly(tmp_path_factory, data: bytes, suffix: s
         assert corpus.records and corpus.format
 
 
+@_settings
+@given(data=st.binary(max_size=2000), suffix=st.sampled_from([".csv", ".tsv", ".jsonl"]))
+def test_any_bytes_as_labelled_data_read_or_fail_cleanly(tmp_path_factory, data: bytes, suffix: str) -> None:
+    from tunesmith.labelled import read_table
+
+    path = tmp_path_factory.mktemp("lab") / f"f{suffix}"
+    path.write_bytes(data)
+    try:
+        read_table(path)
+    except TunesmithError as err:
+        assert err.file == str(path) and err.message
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600), suffix=st.sampled_from(sorted(SUFFIXES)))
+def test_any_bytes_uploaded_are_kept_or_refused_cleanly(tunesmith_home, data: bytes, suffix: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from tunesmith.server.app import create_app
+    from tunesmith.server.config import ServerConfig
+
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False))
+    files = tunesmith_home / "files"
+    before = set(files.glob("*")) if files.exists() else set()
+    with TestClient(app) as client:
+        resp = client.post("/v1/files", files={"file": (f"up{suffix}", data)}, data={"purpose": "fine-tune"})
+    after = set(files.glob("*")) if files.exists() else set()
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 400:
+        assert resp.json()["error"]["message"].startswith(f"up{suffix}") and after == before
+    else:
+        assert len(after - before) == 1
+
+
 _LINE = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=30)
 
 

@@ -46,13 +46,10 @@ def default_template(cols: list[str]) -> str | None:
 
 def read_table(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """Return the column names and ``(line, row)`` pairs of a CSV, TSV or JSONL file."""
+    from .corpus import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise TunesmithError("no such file", file=path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise TunesmithError(f"not UTF-8 text (byte {exc.start})", file=path) from None
+    text = read_text(path)  # UTF-8, UTF-16 with a BOM, Windows-1252/Latin-1; links, folders, binary refused
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         return _read_jsonl(text, path)
