@@ -62,6 +62,8 @@ def test_a_folder_is_prepared_in_path_order_and_copies_name_file_and_line(
 def test_a_glob_and_mixed_formats(shelf: Path, tmp_path: Path, tokenizer) -> None:
     prepared = prepare(str(shelf / "**" / "*.txt"), out=tmp_path / "g", tokenizer=tokenizer, estimate=False)
     assert [Path(f["file"]).name for f in prepared.report["files"]] == ["a-first.txt", "second.txt"]
+    default = prepare(str(shelf / "*.txt"), tokenizer=tokenizer, estimate=False)  # named after the folder
+    assert default.dir == shelf.parent / "shelf.prepared" and len(default.report["files"]) == 1
     with pytest.raises(TunesmithError, match="no file matches"):
         prepare(str(shelf / "*.nothing"), out=tmp_path / "n", tokenizer=tokenizer, estimate=False)
     (shelf / "rows.jsonl").write_text('{"prompt": "q", "completion": " a"}\n', encoding="utf-8")

@@ -132,7 +132,7 @@ def prepare(
     """
     _check_settings(block_size, fraction, max_tokens, valid_fraction)
     source, files = input_files(path, SUFFIXES, SUPPORTED)
-    out_dir = Path(out) if out is not None else default_output(source)
+    out_dir = Path(out) if out is not None else default_output(_named(source))
 
     def get_tokenizer() -> Any:  # loaded once, when first needed
         nonlocal tokenizer
@@ -265,6 +265,13 @@ def _prepare_into(tmp: Path, source: Path, files: list[Path], out_dir: Path, bas
             checks.append(_check("estimate", "warning", f"no training-time estimate: {exc.message}"))
     write_json(tmp / "report.json", report)
     return report
+
+
+def _named(source: Path) -> Path:
+    """What names the default output: the input itself, or for a glob the folder it starts in."""
+    parts = source.parts
+    fixed = next((i for i, part in enumerate(parts) if set(part) & set("*?[")), len(parts))
+    return Path(*parts[:fixed]) if 0 < fixed < len(parts) else source
 
 
 def _size(path: Path) -> int:

@@ -244,6 +244,7 @@ class ShardWriter:
                         state["fh"].close()
                     name = f"tokens-{split}-{len(state['files']):05d}.bin"
                     state["files"].append({"file": name, "tokens": 0})
+                    (self.dir / name).unlink(missing_ok=True)  # never write through a hard link
                     state["fh"] = open(self.dir / name, "wb")
                     state["in_file"] = 0
                 take = ids[at : at + SHARD_TOKENS - state["in_file"]]
@@ -263,6 +264,7 @@ class ShardWriter:
             if state["fh"] is not None:
                 state["fh"].close()
             table = np.asarray(state["examples"], dtype=np.int64).reshape(-1, 2)
+            (self.dir / f"examples-{split}.npy").unlink(missing_ok=True)
             np.save(self.dir / f"examples-{split}.npy", table)
             index["splits"][split] = {"files": state["files"], "tokens": state["tokens"], "examples": len(table)}
         from .atomic import write_json

@@ -10,6 +10,7 @@ logits (loss.py), and a fused AdamW. We write the loop ourselves rather than use
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import signal
@@ -291,7 +292,10 @@ def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_o
         out.mkdir(parents=True, exist_ok=True)
         for name in ("train.jsonl", "valid.jsonl", "report.json", *_shard_files(path)):
             if (path / name).exists():
-                shutil.copy2(path / name, out / name)
+                try:  # a hard link where the file system allows (files are only ever replaced, never rewritten)
+                    os.link(path / name, out / name)
+                except OSError:
+                    shutil.copy2(path / name, out / name)
         return prepared
     return prepare(
         path, out=out, base=cfg.base, tokenizer=tokenizer, block_size=cfg.block_size,
