@@ -186,7 +186,10 @@ def _prepare_into(tmp: Path, source: Path, files: list[Path], out_dir: Path, bas
     extra: dict[str, int] = {}
     sources = []
     total_bytes = sum(_size(f) for f in files)
-    with _Progress(total_bytes, progress, source.name) as bar, open(spool, "w", encoding="utf-8") as out:
+    ids_spool = tmp / ".ids.bin"  # the token ids of text examples, so they are not tokenized twice
+    spooled_ids = True
+    with _Progress(total_bytes, progress, source.name) as bar, open(spool, "w", encoding="utf-8") as out, \
+            open(ids_spool, "wb") as ids_out:
         done_bytes = 0
         for file in files:
             reader = Reader(file, known_word=_Lexicon(get_tokenizer))
@@ -199,11 +202,17 @@ def _prepare_into(tmp: Path, source: Path, files: list[Path], out_dir: Path, bas
                         f"this file is in {part.format} format, but {files[0].name} is in {fmt} format",
                         file=file, hint="prepare files of one format together",
                     )
-                rows, tokens = _examples(part, get_tokenizer(), block_size, stats)
+                counter = _TokenCounter(get_tokenizer(), block_size - 1, keep_ids=part.format in ("book", "text"))
+                rows, tokens = _examples(part, get_tokenizer(), block_size, stats, counter)
                 for row, n in zip(rows, tokens):
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                     hashes.append(_hash(row))
                     counts.append(n)
+                if counter.kept is not None and len(counter.kept) == len(rows):
+                    for ids in counter.kept:
+                        ids.tofile(ids_out)
+                else:
+                    spooled_ids = False
                 bar.update(done_bytes + reader.done_bytes)
             done_bytes += _size(file)
             bar.update(done_bytes)
@@ -238,18 +247,29 @@ def _prepare_into(tmp: Path, source: Path, files: list[Path], out_dir: Path, bas
 
     pair_rows: list[dict] = []
     writer = ShardWriter(tmp, tokenizer, fmt)
+    spooled_ids = spooled_ids and fmt in ("book", "text") and ids_spool.stat().st_size == 4 * int(tokens_all.sum())
+    if spooled_ids:
+        ids_map = np.memmap(ids_spool, dtype=np.uint32, mode="r") if tokens_all.sum() else np.zeros(0, np.uint32)
+        starts = np.concatenate([[0], np.cumsum(tokens_all)])
     with open(spool, encoding="utf-8") as rows_in, open(tmp / "train.jsonl", "w", encoding="utf-8") as train_out, \
             open(tmp / "valid.jsonl", "w", encoding="utf-8") as valid_out:
         for i, line in enumerate(rows_in):
             if not side[i]:
                 continue
-            row = json.loads(line)
             (train_out if side[i] == 1 else valid_out).write(line)
-            writer.add("train" if side[i] == 1 else "valid", row)
+            split = "train" if side[i] == 1 else "valid"
+            if spooled_ids:
+                writer.add_ids(split, ids_map[starts[i] : starts[i + 1]])
+                continue
+            row = json.loads(line)
+            writer.add(split, row)
             if fmt not in ("book", "text"):
                 pair_rows.append(row)
     writer.close()
+    if spooled_ids:
+        del ids_map
     spool.unlink()
+    ids_spool.unlink()
     rows_seen = pair_rows if fmt not in ("book", "text") else range(len(selected))
     checks = _checks(
         corpus, rows_seen, tokens.tolist(), stats, duplicates, settings["dedupe"], built, built_tokens, settings,
@@ -346,9 +366,10 @@ def _valid_mask(keys: np.ndarray, valid_fraction: float, seed: int) -> np.ndarra
     return chosen[rank[inverse.reshape(-1)]]
 
 
-def _examples(corpus: Corpus, tokenizer: Any, block_size: int, stats: dict[str, int]) -> tuple[list[dict], list[int]]:
+def _examples(corpus: Corpus, tokenizer: Any, block_size: int, stats: dict[str, int],
+              counter: _TokenCounter | None = None) -> tuple[list[dict], list[int]]:
     """The examples of ``corpus`` and their token counts, each fitting a block."""
-    counter = _TokenCounter(tokenizer, block_size - 1)
+    counter = counter or _TokenCounter(tokenizer, block_size - 1)
     if corpus.format == "book":
         return _book_examples(corpus, counter, stats)
     if corpus.format == "text":
@@ -512,9 +533,18 @@ def _duration(seconds: float) -> str:
 class _TokenCounter:
     """Counts tokens with the base model's tokenizer; ``budget`` is the most tokens per example."""
 
-    def __init__(self, tokenizer: Any, budget: int) -> None:
+    def __init__(self, tokenizer: Any, budget: int, keep_ids: bool = False) -> None:
         self.tokenizer = tokenizer
         self.budget = budget
+        # With keep_ids, the token ids of each text example, in order (``_budgeted`` fills it):
+        # prepare writes them to the token shards without tokenizing the examples again.
+        self.kept: list[np.ndarray] | None = [] if keep_ids else None
+
+    def ids_many(self, texts: list[str]) -> list[list[int]]:
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), 512):
+            ids += self.tokenizer(texts[start : start + 512], add_special_tokens=False)["input_ids"]
+        return ids
 
     def many(self, texts: list[str]) -> list[int]:
         counts: list[int] = []
@@ -744,14 +774,20 @@ def _join_units(units: list[_Unit], counter: _TokenCounter) -> list[str]:
 def _budgeted(texts: list[str], counter: _TokenCounter) -> tuple[list[dict], list[int]]:
     """Rows and token counts, re-checking every example against the budget."""
     rows, tokens = [], []
-    for text, n in zip(texts, counter.many(texts)):
-        if n > counter.budget:  # the fast path in _join_units misjudged a seam: cut it again
+    kept = counter.kept
+    for text, ids in zip(texts, counter.ids_many(texts)):
+        if len(ids) > counter.budget:  # the fast path in _join_units misjudged a seam: cut it again
             for piece in _split_words(text, counter):
+                piece_ids = counter.ids_many([piece])[0]
                 rows.append({"text": piece})
-                tokens.append(counter.one(piece))
+                tokens.append(len(piece_ids))
+                if kept is not None:
+                    kept.append(np.asarray(piece_ids, dtype=np.uint32))
             continue
         rows.append({"text": text})
-        tokens.append(n)
+        tokens.append(len(ids))
+        if kept is not None:
+            kept.append(np.asarray(ids, dtype=np.uint32))
     return rows, tokens
 
 

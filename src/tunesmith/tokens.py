@@ -234,6 +234,19 @@ class ShardWriter:
             for row in rows:
                 ids, mask = encode_example(row, self.tokenizer)
                 encoded.append((ids, mask.index(True) if True in mask else len(mask)))
+        self._write(split, encoded)
+
+    def add_ids(self, split: str, ids) -> None:
+        """Add a text example already tokenized (its ids without EOS or joiner), as ``add`` would."""
+        self._flush(split)  # rows added before keep their order
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.joiner:
+            ids = np.concatenate([ids, np.asarray(self.joiner, dtype=np.int64)])
+        elif not len(ids) or ids[-1] != self.tokenizer.eos_token_id:
+            ids = np.append(ids, self.tokenizer.eos_token_id)
+        self._write(split, [(ids, 0)])
+
+    def _write(self, split: str, encoded: list) -> None:
         state = self.splits.setdefault(split, {"files": [], "tokens": 0, "examples": [], "fh": None, "in_file": 0})
         for ids, prompt in encoded:
             state["examples"].append((state["tokens"], prompt))
