@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .atomic import append_jsonl, atomic_dir, write_json, write_text
+from .atomic import DiskFull, append_jsonl, atomic_dir, write_json, write_text
 from .config import MICRO_BATCH_TOKENS, TrainConfig, micro_batch_size, with_overrides  # noqa: F401 (re-exported)
 from .distributed import Processes, processes
 from .errors import TunesmithError
@@ -462,11 +462,18 @@ def _guarded_train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop
             run.set_status("interrupted", step=run.state.get("step", 0))
         raise
     except TunesmithError as err:
-        run.set_status("failed", error=str(err))
+        _mark_failed(run, str(err))
         raise
     except Exception as err:
-        run.set_status("failed", error=f"{type(err).__name__}: {err}")
+        _mark_failed(run, f"{type(err).__name__}: {err}")
         raise
+
+
+def _mark_failed(run: Run, error: str) -> None:
+    try:
+        run.set_status("failed", error=error)
+    except TunesmithError:  # a full disk: the error itself still reaches the caller
+        pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -600,7 +607,13 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
         extra = {"elapsed_tokens": elapsed_tokens, "seconds": time.perf_counter() - started, "metrics_rows": rows,
                  "samples": sample_log[:n_samples], "before": before, "after": after, "best": best,
                  "device": str(device), "dtype": str(compute)}
-        path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
+        try:
+            path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
+        except DiskFull as err:  # the newest complete checkpoint stands
+            newest = run.checkpoints()[-1]["step"] if run.checkpoints() else None
+            raise TunesmithError(f"{err.message}; training stopped at step {step}" + (
+                f", and its checkpoint at step {newest} is kept" if newest is not None else ""), file=err.file,
+                hint=f"free some space, then continue with: tunesmith train --resume {run.path}") from None
         emit(TrainEvent("checkpoint", step, path=str(path)))
 
     bar = _Progress(total_steps, enabled=show_progress, done=step)
