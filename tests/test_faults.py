@@ -42,15 +42,28 @@ OPTIONS = dict(base="tiny-llama", block_size=64, batch_size=2, epochs=2, sample_
 
 
 @pytest.fixture()
-def small_disk(tmp_path):
-    """A 32 KiB tmpfs (root only); skipped where it cannot be mounted."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("a small tmpfs needs root")
+def tmpfs(tmp_path):
+    """``tmpfs(size)`` mounts a tmpfs of ``size`` (such as "32k") and returns it (root only; skipped
+    where it cannot be mounted)."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"disk-{len(mounts)}"
+        path.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                               capture_output=True).returncode != 0:
+            pytest.skip("a small tmpfs needs root")
+        mounts.append(path)
+        return path
+
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture()
+def small_disk(tmpfs) -> Path:
+    return tmpfs("32k")
 
 
 def _enospc(*args, **kwargs):
@@ -121,14 +134,25 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resumes_exactly(tmp_
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_a_checkpoint_on_a_really_full_disk(small_disk, tmp_path, tiny_model_dir):
-    """torch.save on a full tmpfs raises a bare RuntimeError; it is still reported as a full disk."""
+def test_a_checkpoint_on_a_really_full_disk(tmpfs, tmp_path, tiny_model_dir):
+    """The disk fills up (another program's file) after the first checkpoint; torch.save then
+    raises a bare RuntimeError, which is still reported as a full disk."""
+    disk = tmpfs("8m")
     (tmp_path / "book.txt").write_text(TEXT)
-    with pytest.raises(TunesmithError, match="the disk is full"):
-        tunesmith.finetune(tmp_path / "book.txt", out=small_disk / "run", progress=False, samples=False,
-                           **{**OPTIONS, "save_every": 1})
-    # the run directory itself may not even fit; whatever is there is whole, with no temporary leftovers
-    assert not _leftovers(small_disk)
+
+    def fill_the_disk(event):
+        if event["type"] == "checkpoint" and not (disk / "filler").exists():
+            with open(disk / "filler", "wb") as fh:  # all but 16 KiB
+                fh.write(b"\0" * max(0, shutil.disk_usage(disk).free - 16384))
+
+    with pytest.raises(TunesmithError) as info:
+        tunesmith.finetune(tmp_path / "book.txt", out=disk / "run", progress=False, samples=False,
+                           on_event=fill_the_disk, **OPTIONS)
+    assert "the disk is full" in str(info.value) and "checkpoint at step 3 is kept" in str(info.value)
+    run = Run(disk / "run")
+    assert [c["step"] for c in run.checkpoints()] == [3] and not _leftovers(disk)
+    (disk / "filler").unlink()
+    assert tunesmith.resume(run.path, progress=False, samples=False).status == "succeeded"
 
 
 # -- a corrupt checkpoint ----------------------------------------------------------------------
