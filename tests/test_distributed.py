@@ -124,3 +124,78 @@ def test_a_one_process_checkpoint_resumes_in_two_from_the_command_line(single, t
     assert result.stdout.count("data-parallel over 2 processes") == 1
     assert run.status == "succeeded"
     assert_same_run(run, single)
+
+
+# -- the pieces, without launching --------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "docs" / "accelerate"
+EXPECTED = {  # distributed type, processes, machines; launcher flags that follow from it
+    "multi_cpu.yaml": ("MULTI_CPU", 2, 1, {"use_cpu": True}),
+    "multi_gpu.yaml": ("MULTI_GPU", 4, 1, {"multi_gpu": True}),
+    "multi_node.yaml": ("MULTI_GPU", 8, 2, {"multi_gpu": True, "main_process_ip": "10.0.0.1",
+                                           "main_process_port": 29500, "machine_rank": 0}),
+    "fsdp.yaml": ("FSDP", 4, 1, {"use_fsdp": True}),
+    "deepspeed_zero3.yaml": ("DEEPSPEED", 4, 1, {"use_deepspeed": True}),
+}
+
+
+def test_every_documented_config_is_checked():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+    scaling = (CONFIGS.parent / "SCALING.md").read_text()
+    assert all(f"docs/accelerate/{name}" in scaling for name in EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_the_documented_accelerate_configs_are_what_accelerate_reads(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    kind, processes, machines, flags = EXPECTED[name]
+    config = load_config_from_file(str(CONFIGS / name))  # a ClusterConfig: an unknown key is refused
+    assert (config.distributed_type.value, config.num_processes, config.num_machines) == (kind, processes, machines)
+    parsed = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), "-m", "tunesmith", "train", "x"])
+    args, _, _ = _validate_launch_command(parsed)
+    assert (args.num_processes, args.num_machines) == (processes, machines)
+    assert {key: getattr(args, key) for key in flags} == flags
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_fsdp_and_deepspeed_are_refused_before_anything_is_written(kind, monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from tunesmith import distributed
+
+    class Launched:
+        def __init__(self, cpu: bool):
+            self.distributed_type, self.process_index, self.num_processes = DistributedType(kind), 0, 2
+
+    monkeypatch.setattr(accelerate, "Accelerator", Launched)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_current", None)
+    with pytest.raises(tunesmith.TunesmithError, match=rf"\(DDP\) only; the accelerate configuration asks for {kind}"):
+        distributed.processes("cpu")
+    monkeypatch.setattr(distributed, "_current", None)
+
+
+def test_ranks_take_disjoint_contiguous_slices_that_cover_the_batch():
+    import numpy as np
+
+    from tunesmith.distributed import Processes
+
+    def rank(r: int, world: int) -> Processes:
+        p = Processes()
+        p.rank, p.world = r, world
+        return p
+
+    batch = np.array([7, 3, 9, 1, 4, 8, 0, 2])
+    assert [rank(r, 3).shard(batch).tolist() for r in range(3)] == [[7, 3, 9], [1, 4, 8], [0, 2]]
+    assert [rank(r, 2).shard(batch[:1]).tolist() for r in range(2)] == [[7], []]
+    assert rank(0, 1).shard(batch) is batch
+
+
+def test_the_launcher_gets_the_command_without_num_processes():
+    from tunesmith.cli import _without_option
+
+    args = ["train", "book.txt", "--num-processes", "2", "--epochs", "1", "--num-processes=3", "--out", "r"]
+    assert _without_option(args, "--num-processes") == ["train", "book.txt", "--epochs", "1", "--out", "r"]
