@@ -199,3 +199,13 @@ def test_the_launcher_gets_the_command_without_num_processes():
 
     args = ["train", "book.txt", "--num-processes", "2", "--epochs", "1", "--num-processes=3", "--out", "r"]
     assert _without_option(args, "--num-processes") == ["train", "book.txt", "--epochs", "1", "--out", "r"]
+
+
+def test_a_bad_input_with_two_processes_is_a_clear_message_without_a_traceback(tmp_path, tiny_model_dir):
+    result = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(tmp_path / "missing.txt"), "--base",
+                             "tiny-llama", "--out", str(tmp_path / "run"), "--num-processes", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"error: {tmp_path / 'missing.txt'}: no such file or directory" in result.stderr
+    assert "training process 0 of 2 stopped with exit status 1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

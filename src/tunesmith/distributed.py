@@ -70,7 +70,10 @@ class Processes:
         import torch.distributed as dist
 
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError:  # rank 0 stopped (a bad input, say) and printed why
+            raise TunesmithError(f"rank {self.rank}: rank 0 stopped before training began; its message says why") from None
         return box[0]
 
 
