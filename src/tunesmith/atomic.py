@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from .errors import TunesmithError
+
+FULL_BELOW = 1 << 20  # after a failed write, less free space than this means the disk filled up
 
 
 def _umask() -> int:
@@ -22,6 +27,43 @@ def _umask() -> int:
     return 0o022
 
 
+def disk_full(err: BaseException, where: Path) -> bool:
+    """Whether ``err`` came from a full disk: ENOSPC or EDQUOT, or a library's own error (torch.save
+    raises a bare RuntimeError) while the disk holding ``where`` is all but full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(where).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+class DiskFull(TunesmithError):
+    """A write failed because the disk is full; nothing was half-written."""
+
+    def __init__(self, path: Path):
+        super().__init__("the disk is full: this could not be written, and whatever was there before is kept as it was",
+                         file=path, hint="free some space, then run the command again")
+
+
+@contextmanager
+def reporting_full_disk(path: Path) -> Iterator[None]:
+    """Inside, a write that fails for lack of disk space becomes ``DiskFull`` naming ``path`` (also
+    when it came from a temporary file inside ``path``: the user knows ``path``)."""
+    try:
+        yield
+    except DiskFull as err:
+        raise err if err.file == str(path) else DiskFull(path) from None
+    except (TunesmithError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if not disk_full(err, path if path.exists() else path.parent):
+            raise
+        raise DiskFull(path) from None
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place."""
@@ -32,8 +74,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with reporting_full_disk(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -57,7 +100,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one line and flush it; a crash loses at most this line."""
-    with open(path, "a", encoding="utf-8") as fh:
+    with reporting_full_disk(Path(path)), open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -76,7 +119,8 @@ def atomic_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should be an ordinary directory
     try:
-        yield tmp
+        with reporting_full_disk(path):
+            yield tmp
         if path.exists() or path.is_symlink():
             if not overwrite or (replace_if is not None and not replace_if(path)):
                 raise FileExistsError(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import warnings
@@ -158,11 +159,17 @@ def train(
     text_col: List[str] = typer.Option([], "--text-col", help="text column of labelled data (repeatable)"),
     label_col: Optional[str] = typer.Option(None, "--label-col", help="label column of labelled data"),
     template: Optional[str] = typer.Option(None, help='joins several --text-col, e.g. "q: {q} ; a: {a}"'),
+    num_processes: int = typer.Option(1, "--num-processes", min=1,
+                                      help="train data-parallel in N processes on this machine (accelerate; one GPU each)"),
 ) -> None:
     """Fine-tune a base model on your text. Ctrl-C stops cleanly and keeps the last checkpoint.
 
     With --task classify|regress, DATA is labelled text and the run is a classifier or regressor
     (--base may be a language-model run: the two-stage fine-tune)."""
+    if num_processes > 1 and not dry_run and task is None and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        raise typer.Exit(launch(num_processes, _without_option(sys.argv[1:], "--num-processes")))
     if task is not None:
         _train_classifier(data, task=task, base=base, out_dir=out_dir, epochs=epochs, lr=lr, method=method,
                           lora_r=lora_r, seed=seed, batch_size=batch_size, max_steps=max_steps, dtype=dtype,
@@ -203,6 +210,19 @@ def train(
     except KeyboardInterrupt:
         _interrupted(seen.get("path"))
     _done(run)
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    """``args`` without ``name VALUE`` or ``name=VALUE``."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
 
 
 def _train_events(on_event, seen: dict):
@@ -254,6 +274,10 @@ def _resume(ctx: typer.Context, run: Path, data, options: dict, *, dry_run: bool
 
 
 def _done(run) -> None:
+    from .distributed import processes
+
+    if not processes().is_main:  # in a data-parallel run, rank 0 reports
+        return
     out.print(f"\n[bold green]done[/]: {escape(str(run.path))}  (status {run.status})")
     from .watch import best_epoch_note
 

@@ -17,15 +17,16 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .atomic import append_jsonl, atomic_dir, write_json, write_text
+from .atomic import DiskFull, append_jsonl, atomic_dir, write_json, write_text
 from .config import MICRO_BATCH_TOKENS, TrainConfig, micro_batch_size, with_overrides  # noqa: F401 (re-exported)
+from .distributed import Processes, processes
 from .errors import TunesmithError
 from .events import TrainEvent
 from .rundir import RUN_FORMAT, Run
@@ -175,54 +176,71 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     return opt, get_cosine_schedule_with_warmup(opt, warmup, max(total_steps, 1))
 
 
-def train_step(model, opt, sched, blocks, batch_idx, cfg: TrainConfig, device, compute_dtype) -> dict:
-    """One optimizer step over ``batch_idx`` blocks, in micro-batches, loss averaged per target token."""
+def train_step(model, opt, sched, blocks, batch_idx, cfg: TrainConfig, device, compute_dtype, procs=None,
+               forward=None) -> dict:
+    """One optimizer step over ``batch_idx`` blocks, in micro-batches, loss averaged per target token.
+
+    In several processes (``procs``; ``forward`` is ``procs.wrap(model, lm_loss)``) each rank takes
+    its slice of the batch, and DDP averages the gradients in the last micro-batch's backward."""
     import torch
 
-    ids = torch.from_numpy(blocks.ids[batch_idx]).to(device, non_blocking=True)
-    mask = torch.from_numpy(blocks.mask[batch_idx]).to(device, non_blocking=True)
-    segments, positions = _segments(blocks, batch_idx, device)
-    n_targets = int(blocks.mask[batch_idx][:, 1:].sum())  # from numpy: no device sync
+    procs = procs or Processes()
+    forward = forward or (lambda *args: lm_loss(model, *args))
+    n_targets = int(blocks.mask[batch_idx][:, 1:].sum())  # the whole batch's, from numpy: no device sync
+    mine, ranks = procs.shard(batch_idx), procs.world  # DDP divides by the ranks; multiplying first undoes it
+    if len(mine) == 0:  # fewer blocks than ranks: a pass weighted 0 keeps this rank in step with the others
+        mine, ranks = batch_idx[:1], 0
+    ids = torch.from_numpy(blocks.ids[mine]).to(device, non_blocking=True)
+    mask = torch.from_numpy(blocks.mask[mine]).to(device, non_blocking=True)
+    segments, positions = _segments(blocks, mine, device)
     micro = micro_batch_size(cfg, device)
     total_loss = torch.zeros((), device=device)
     total_correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(batch_idx), micro):
+    starts = range(0, len(mine), micro)
+    for start in starts:
         part = slice(start, start + micro)
         seg, pos = (segments[part], positions[part]) if segments is not None else (None, None)
-        loss_sum, correct, _ = lm_loss(model, ids[part], mask[part], compute_dtype, seg, pos)
-        (loss_sum / max(n_targets, 1)).backward()
-        total_loss += loss_sum.detach()
-        total_correct += correct
+        with procs.no_sync(forward, sync=start == starts[-1]):
+            loss_sum, correct, _ = forward(ids[part], mask[part], compute_dtype, seg, pos)
+            (loss_sum * ranks / max(n_targets, 1)).backward()
+        if ranks:
+            total_loss += loss_sum.detach()
+            total_correct += correct
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    total_loss, total_correct = total_loss.item(), int(total_correct)  # one sync per step
+    total_loss, total_correct = procs.sum(torch.stack([total_loss.double(), total_correct.double()])).tolist()  # one sync
     return {
         "loss": total_loss / max(n_targets, 1),
-        "accuracy": total_correct / max(n_targets, 1),
-        "tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
+        "accuracy": int(total_correct) / max(n_targets, 1),
+        "tokens": int(len(batch_idx) * (blocks.ids.shape[1] - 1)),
     }
 
 
-def evaluate(model, blocks, cfg: TrainConfig, device, compute_dtype) -> dict:
-    """Mean loss, perplexity and token accuracy over ``blocks``."""
+def evaluate(model, blocks, cfg: TrainConfig, device, compute_dtype, procs=None) -> dict:
+    """Mean loss, perplexity and token accuracy over ``blocks`` (in several processes, each rank
+    measures its slice and the sums are added up over ranks)."""
     import torch
 
     if blocks is None or len(blocks) == 0:
         return {}
+    procs = procs or Processes()
     was_training = model.training
     model.eval()
     loss, correct, count = 0.0, 0, 0
+    mine = procs.shard(np.arange(len(blocks)))
     with torch.no_grad():
         micro = micro_batch_size(cfg, device)
-        for start in range(0, len(blocks), micro):
-            ids = torch.from_numpy(blocks.ids[start : start + micro]).to(device)
-            mask = torch.from_numpy(blocks.mask[start : start + micro]).to(device)
-            segments, positions = _segments(blocks, slice(start, start + micro), device)
+        for start in range(0, len(mine), micro):
+            part = mine[start : start + micro]
+            ids = torch.from_numpy(blocks.ids[part]).to(device)
+            mask = torch.from_numpy(blocks.mask[part]).to(device)
+            segments, positions = _segments(blocks, part, device)
             loss_sum, c, n = lm_loss(model, ids, mask, compute_dtype, segments, positions)
             loss, correct, count = loss + loss_sum.item(), correct + int(c), count + n
     model.train(was_training)
+    loss, correct, count = procs.sum(torch.tensor([loss, correct, count], dtype=torch.float64)).tolist()
     mean = loss / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "accuracy": correct / max(count, 1)}
 
@@ -363,6 +381,11 @@ def finetune(
     """
     cfg = with_overrides(config or TrainConfig(), overrides)
     cfg.check()
+    procs = processes(cfg.device)
+    if not procs.is_main:  # rank 0 checks everything and writes the run directory; the others train in it
+        run = Run(procs.share(None))
+        _guarded_train(run, cfg, _run_data(run), lambda event: None, None, False, False, resume=False)
+        return run
     from .device import pick_device, pick_dtype
     from .rundir import check_out_dir
 
@@ -399,6 +422,7 @@ def finetune(
         write_json(tmp / "status.json", {"status": "running", "step": 0, "updated": time.time()})
     run = Run(out)
     prepared = _moved(prepared, run.path / "data")
+    procs.share(str(out))
     with run.training_lock():
         _guarded_train(run, cfg, prepared, emit, should_stop, progress, samples, resume=False)
     return run
@@ -426,7 +450,6 @@ def resume(
     checkpoint trains again from its first step.
     """
     from .models import resolve
-    from .prepare import load_prepared
 
     run = run if isinstance(run, Run) else Run(run)
     config = run.config
@@ -445,20 +468,29 @@ def resume(
     cfg.check()
     if run.status == "succeeded":
         raise TunesmithError("this run has already finished; there is nothing to resume", file=run.path)
-    prepared = load_prepared(run.path / "data")
-    with run.training_lock():
+    procs = processes(cfg.device)
+    with run.training_lock() if procs.is_main else nullcontext():  # the lock is rank 0's
         checkpoints = run.checkpoints()
         need = _dir_bytes(Path(checkpoints[-1]["path"])) + _dir_bytes(run.weights_dir) if checkpoints else None
         check_free_space(run.path, need or checkpoint_bytes(cfg, resolve(cfg.base)))
-        _guarded_train(run, cfg, {"train": prepared.train, "valid": prepared.valid, "report": prepared.report,
-                                  "dir": run.path / "data"},
-                       on_event or (lambda event: None), should_stop, progress, samples, resume=True)
+        _guarded_train(run, cfg, _run_data(run), on_event or (lambda event: None), should_stop, progress, samples,
+                       resume=True)
     return run
+
+
+def _run_data(run: Run) -> dict:
+    """The examples a run trains on, read back from its data/ (what resume and the ranks after rank 0 use)."""
+    from .prepare import load_prepared
+
+    prepared = load_prepared(run.path / "data")
+    return {"train": prepared.train, "valid": prepared.valid, "report": prepared.report, "dir": run.path / "data"}
 
 
 def _guarded_train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, progress: bool, samples: bool,
                    resume: bool) -> None:
     """Train, recording a failure in status.json; Ctrl-C (KeyboardInterrupt) passes through."""
+    if not processes().is_main:  # the run directory, status.json included, is rank 0's to write
+        return _train(run, cfg, prepared, emit, should_stop, progress, samples, resume=resume)
     try:
         _train(run, cfg, prepared, emit, should_stop, progress, samples, resume=resume)
     except KeyboardInterrupt:
@@ -466,11 +498,18 @@ def _guarded_train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop
             run.set_status("interrupted", step=run.state.get("step", 0))
         raise
     except TunesmithError as err:
-        run.set_status("failed", error=str(err))
+        _mark_failed(run, str(err))
         raise
     except Exception as err:
-        run.set_status("failed", error=f"{type(err).__name__}: {err}")
+        _mark_failed(run, f"{type(err).__name__}: {err}")
         raise
+
+
+def _mark_failed(run: Run, error: str) -> None:
+    try:
+        run.set_status("failed", error=error)
+    except TunesmithError:  # a full disk: the error itself still reaches the caller
+        pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -529,6 +568,9 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    procs = processes(cfg.device)  # one process, or this rank of several: only rank 0 reports and writes
+    if not procs.is_main:
+        emit, show_progress, samples = (lambda event: None), False, False
     t_load = time.perf_counter()
     model, tok, device, compute = build_model(cfg)
     emit(TrainEvent("info", message=f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"))
@@ -552,7 +594,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     # A resume restores everything the loop below depends on, and drops the metric rows
     # written after the checkpoint (they are written again, identically).
     state = load_checkpoint(run, cfg, model, opt, sched, str(device), str(compute), emit) if resume else None
-    if resume:
+    if resume and procs.is_main:
         _keep_metric_rows(run, state["metrics_rows"] if state else 0)
         run.set_status("running", step=state["step"] if state else 0)
     state = state or {}
@@ -561,17 +603,22 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
 
     def log(row: dict) -> None:
         nonlocal rows_logged
-        append_jsonl(run.path / "metrics.jsonl", row)
+        if procs.is_main:
+            append_jsonl(run.path / "metrics.jsonl", row)
         rows_logged += 1
 
     compiled = wants_compile(cfg, device, total_steps * cfg.batch_size * cfg.block_size)
     if compiled:
         compile_layers(model)
         emit(TrainEvent("info", message="compiling the decoder layers (the first step takes ~20 s longer)"))
+    forward = procs.wrap(model, lm_loss)  # the loss; with several ranks, DDP averages its gradients
+    if procs.world > 1:
+        emit(TrainEvent("info", message=f"data-parallel over {procs.world} processes: "
+                                        f"each takes its share of the {cfg.batch_size} blocks of a step"))
 
     def validate(step: int, epoch: float, elapsed_tokens: int) -> dict:
         with eager_layers(model):
-            result = evaluate(model, valid_blocks, cfg, device, compute)
+            result = evaluate(model, valid_blocks, cfg, device, compute, procs)
         if result:
             row = {"step": step, "epoch": epoch, "elapsed_tokens": elapsed_tokens,
                    "validation_loss": result["loss"], "validation_token_accuracy": result["accuracy"],
@@ -590,11 +637,19 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     epoch_end: tuple[int, int] | None = None
 
     def checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
+        if not procs.is_main:
+            return
         rows, n_samples = epoch_end or (rows_logged, len(sample_log))
         extra = {"elapsed_tokens": elapsed_tokens, "seconds": time.perf_counter() - started, "metrics_rows": rows,
                  "samples": sample_log[:n_samples], "before": before, "after": after, "best": best,
                  "device": str(device), "dtype": str(compute)}
-        path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
+        try:
+            path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
+        except DiskFull as err:  # the newest complete checkpoint stands
+            newest = run.checkpoints()[-1]["step"] if run.checkpoints() else None
+            raise TunesmithError(f"{err.message}; training stopped at step {step}" + (
+                f", and its checkpoint at step {newest} is kept" if newest is not None else ""), file=err.file,
+                hint=f"free some space, then continue with: tunesmith train --resume {run.path}") from None
         emit(TrainEvent("checkpoint", step, path=str(path)))
 
     bar = _Progress(total_steps, enabled=show_progress, done=step)
@@ -615,7 +670,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                     idx = order[batch_in_epoch * cfg.batch_size : (batch_in_epoch + 1) * cfg.batch_size]
                     busy = True  # weights, optimizer and position disagree until the step is logged
                     try:
-                        result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
+                        result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute, procs, forward)
                     except Exception as err:  # a compiler missing or failing here: go on uncompiled
                         if not compiled or step > 0:
                             raise
@@ -623,7 +678,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                         uncompile_layers(model)
                         opt.zero_grad(set_to_none=True)
                         emit(TrainEvent("info", message=f"torch.compile failed ({type(err).__name__}); training uncompiled"))
-                        result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute)
+                        result = train_step(model, opt, sched, train_blocks, idx, cfg, device, compute, procs, forward)
                     step += 1
                     done = (epoch, batch_in_epoch + 1)
                     elapsed_tokens += result["tokens"]
@@ -647,7 +702,8 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                     bar.note(f"epoch {epoch + 1}: validation loss {after['loss']:.3f}, perplexity {after['perplexity']:.2f}")
                     if best is None or after["loss"] < best["validation_loss"]:
                         best = {"step": step, "validation_loss": after["loss"]}
-                        save_best(run, model, cfg, best)
+                        if procs.is_main:
+                            save_best(run, model, cfg, best)
                 stop.check()
                 samples_now = []
                 if samples and prompts:
@@ -655,7 +711,8 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                         samples_now = _write_samples(model, tok, prompts, cfg)
                     sample_log.append({"epoch": epoch + 1, "step": step, "samples": samples_now})
                     _save_samples(run, sample_log)
-                watch.epoch_end(step, float(epoch + 1), samples_now, log, emit)
+                if procs.is_main:
+                    watch.epoch_end(step, float(epoch + 1), samples_now, log, emit)
                 stop.check()
                 epoch_end, done = None, (epoch + 1, 0)
                 checkpoint(step, *done)
@@ -664,6 +721,8 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
         bar.close()
         if not busy and not stop.hard:  # otherwise the last checkpoint on disk stands
             checkpoint(step, *done)
+        if not procs.is_main:
+            raise
         run.set_status("interrupted", step=step)
         _finish(run, cfg, before, None, time.perf_counter() - started, elapsed_tokens)
         emit(TrainEvent("done", step, status="interrupted", path=str(run.path)))
@@ -672,6 +731,8 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     if status == "cancelled":
         checkpoint(step, *done)
     seconds = time.perf_counter() - started
+    if not procs.is_main:
+        return
     final = after if status == "succeeded" else None  # a finished run ends with a validation
     watch.index()  # built now, `tunesmith copies` and `eval` start at once
     run.set_status(status, step=step)

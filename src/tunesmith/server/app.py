@@ -36,7 +36,8 @@ __all__ = ["ServerConfig", "create_app"]
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    store = Store(config.home)
+    store = Store(config.home, busy_timeout=config.busy_timeout)
+    store.remove_stale_uploads()
     catalog = Catalog(store)
     executor = ThreadPoolExecutor(max_workers=config.max_running + 1, thread_name_prefix="tunesmith-gen")
     queue = GenerationQueue(config.max_running, config.max_waiting)

@@ -23,6 +23,7 @@ class ServerConfig:
     start_worker: bool = True  # run queued fine-tuning jobs in a worker process
     worker_idle_exit: float = 3.0
     supervise_interval: float = 1.0
+    busy_timeout: float = 30.0  # seconds a request waits for the job database's write lock before a 503
     model_cache: ModelCache | None = None  # tests inject one with a fake loader
     # Host names requests may be addressed to (DNS-rebinding guard); None: any. `serve` sets the
     # loopback names when it listens on a loopback address.

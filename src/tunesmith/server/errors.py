@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import traceback
 
 from fastapi import FastAPI, HTTPException, Request
@@ -124,6 +125,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return _http_error(request, exc)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _database(request: Request, exc: sqlite3.OperationalError):
+        text = str(exc)
+        if "locked" in text or "busy" in text:  # another process held the write lock past the busy timeout
+            return error_response(503, "the server's job database is busy (another process has held it too long); "
+                                  "nothing was changed: try again", "server_error", code="database_busy",
+                                  headers={"Retry-After": "1"})
+        if "full" in text:
+            return error_response(507, "the server's disk is full; nothing was changed", "server_error",
+                                  code="insufficient_storage")
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

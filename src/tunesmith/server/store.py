@@ -59,8 +59,9 @@ class Store:
     """All reads and writes of the server's durable state. Safe to use from many threads and processes:
     each operation opens its own short-lived connection (SQLite WAL, busy timeout 30 s)."""
 
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, busy_timeout: float = 30.0):
         self.root = Path(root) if root is not None else home()
+        self.busy_timeout = busy_timeout
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "tunesmith.db"
         self.files_dir = self.root / "files"
@@ -74,10 +75,10 @@ class Store:
     # -- plumbing ---------------------------------------------------------------------------
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db = sqlite3.connect(self.db_path, timeout=self.busy_timeout, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("PRAGMA busy_timeout=30000")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             db.execute("PRAGMA synchronous=NORMAL")
             yield db
         finally:
@@ -124,6 +125,19 @@ class Store:
             sql += " AND status IN ('validating_files','queued','running')"
         with self._connect() as db:
             return [r["id"] for r in db.execute(sql, (file_id, file_id)).fetchall()]
+
+    def remove_stale_uploads(self, older_than: float = 3600.0) -> list[Path]:
+        """Delete the temporary files of uploads that a killed server left behind (``.upload-*`` not
+        written to for ``older_than`` seconds). They were never acknowledged: no file id was returned."""
+        removed = []
+        for tmp in self.files_dir.glob(".upload-*") if self.files_dir.exists() else []:
+            try:
+                if time.time() - tmp.stat().st_mtime > older_than:
+                    tmp.unlink()
+                    removed.append(tmp)
+            except FileNotFoundError:  # finished or removed meanwhile
+                pass
+        return removed
 
     def delete_file(self, file_id: str) -> bool:
         with self._connect() as db:

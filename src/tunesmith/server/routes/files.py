@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
+from ...atomic import DiskFull, reporting_full_disk
 from ...corpus import validate_file
 from ...errors import TunesmithError
 from ..config import ServerConfig
@@ -48,14 +49,22 @@ def upload_file(file: UploadFile = File(...), purpose: str = Form(...), store: S
     tmp = store.files_dir / f".upload-{file_id}{ext}"
     final = store.files_dir / f"{file_id}{ext}"
     try:
-        size = _receive(file, tmp, filename, config.max_upload_bytes)
+        with reporting_full_disk(final):
+            size = _receive(file, tmp, filename, config.max_upload_bytes)
         if size == 0:
             raise APIError(400, f"{filename}: the file is empty", param="file", code="invalid_file_format")
         _validate_upload(tmp, filename)
         os.replace(tmp, final)
+        return file_object(store.add_file(file_id, filename, final, size))  # acknowledged once it is on record
+    except DiskFull:
+        final.unlink(missing_ok=True)
+        raise APIError(507, f"{filename}: the server's disk is full; the upload was not stored",
+                       type="server_error", param="file", code="insufficient_storage") from None
+    except BaseException:
+        final.unlink(missing_ok=True)  # not on record (the database refused it): not kept either
+        raise
     finally:
         tmp.unlink(missing_ok=True)
-    return file_object(store.add_file(file_id, filename, final, size))
 
 
 @router.get("/v1/files")
