@@ -149,6 +149,7 @@ def train(
     save_every: Optional[int] = _setting(TrainConfig, "save_every"),
     keep_checkpoints: int = _setting(TrainConfig, "keep_checkpoints"),
     compile: str = _setting(TrainConfig, "compile"),
+    chat_loss: str = _setting(TrainConfig, "chat_loss"),
     prompt: List[str] = _setting(TrainConfig, "sample_prompts", "--prompt"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the plan and estimated time, train nothing"),
     overwrite: bool = typer.Option(False, help="replace an earlier tunesmith run at --out (never any other folder)"),
@@ -172,7 +173,7 @@ def train(
         base=base, epochs=epochs, lr=lr, batch_size=batch_size, block_size=block_size, method=method,
         lora_r=lora_r, seed=seed, max_steps=max_steps, valid_fraction=valid_fraction, dtype=dtype,
         device=device, save_every=save_every, sample_prompts=list(prompt), compile=compile,
-        keep_checkpoints=keep_checkpoints,
+        keep_checkpoints=keep_checkpoints, chat_loss=chat_loss,
     )
     if resume is not None:
         return _resume(ctx, resume, data, options, dry_run=dry_run, out_dir=out_dir, validation=validation,

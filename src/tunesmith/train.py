@@ -288,15 +288,15 @@ def _examples(source: str | Path, cfg: TrainConfig, tokenizer, out: Path, hold_o
     )
 
 
-def pack_data(prepared: dict, tok, block_size: int):
+def pack_data(prepared: dict, tok, block_size: int, chat_loss: str = "assistant"):
     """Training and validation blocks of ``prepared`` (as load_data returns it), as the run
     trains on them (tokens.make_blocks: books join their pieces by a paragraph break, records get
     one attention segment each). The time estimate counts blocks with this too."""
     from .tokens import make_blocks
 
     fmt = (prepared.get("report") or {}).get("format")
-    train_blocks = make_blocks(prepared["train"], tok, block_size, fmt)
-    valid_blocks = make_blocks(prepared["valid"], tok, block_size, fmt) if prepared["valid"] else None
+    train_blocks = make_blocks(prepared["train"], tok, block_size, fmt, chat_loss)
+    valid_blocks = make_blocks(prepared["valid"], tok, block_size, fmt, chat_loss) if prepared["valid"] else None
     return train_blocks, valid_blocks
 
 
@@ -496,7 +496,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     model, tok, device, compute = build_model(cfg)
     emit(TrainEvent("info", message=f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"))
 
-    train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size)
+    train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size, cfg.chat_loss)
     for warning in prepared.get("warnings", []):
         emit(TrainEvent("info", message=f"warning: {warning}", level="warning"))
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
