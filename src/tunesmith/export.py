@@ -183,7 +183,7 @@ def model_card(src: Source, fmt: str, quant: str) -> str:
                          f"tokens: {tokens.get('train')} train, {tokens.get('valid')} validation")
         lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
         for key in ("method", "epochs", "learning_rate", "batch_size", "block_size", "lora_r", "lora_alpha",
-                    "lora_dropout", "weight_decay", "warmup", "seed", "max_steps", "dtype"):
+                    "lora_dropout", "weight_decay", "warmup", "seed", "max_steps", "dtype", "chat_loss"):
             if cfg.get(key) is not None:
                 lines.append(f"| {key} | {cfg[key]} |")
         lines += _results(src.run.path)
