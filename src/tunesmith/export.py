@@ -184,6 +184,8 @@ def model_card(src: Source, fmt: str, quant: str) -> str:
         lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
         for key in ("method", "epochs", "learning_rate", "batch_size", "block_size", "lora_r", "lora_alpha",
                     "lora_dropout", "weight_decay", "warmup", "seed", "max_steps", "dtype", "chat_loss"):
+            if key == "chat_loss" and report.get("format") != "chat":
+                continue  # what chat examples learn; other data has none
             if cfg.get(key) is not None:
                 lines.append(f"| {key} | {cfg[key]} |")
         lines += _results(src.run.path)

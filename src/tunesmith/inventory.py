@@ -262,7 +262,8 @@ def _run_details(path: Path) -> dict:
             "examples": report.get("examples"),
             "tokens": report.get("tokens"),
         },
-        "hyperparameters": {k: config[k] for k in HYPERPARAMETERS if config.get(k) is not None},
+        "hyperparameters": {k: config[k] for k in HYPERPARAMETERS if config.get(k) is not None
+                            and (k != "chat_loss" or report.get("format") == "chat")},
         "status": run.state,
     }
     metrics: dict = {}
