@@ -160,3 +160,16 @@ def test_training_on_chat_data_records_what_it_learned(tunesmith_home, tmp_path)
         finetune(write_jsonl(tmp_path / "chat.jsonl", rows), out=tmp_path / "other", progress=False, samples=False,
                  base="tiny-llama", block_size=64, max_steps=1, chat_loss="prompts")
     assert err.value.field == "chat_loss" and not (tmp_path / "other").exists()
+
+
+def test_one_exchange_longer_than_a_block_keeps_the_answers_start_and_the_questions_end(tokenizer, tmp_path) -> None:
+    question = " ".join(f"q{i}" for i in range(200))
+    answer = " ".join(f"a{i}" for i in range(200))
+    rows = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}]
+    prepared = prepare(write_jsonl(tmp_path / "one.jsonl", rows), tokenizer=tokenizer, block_size=64,
+                       valid_fraction=0, estimate=False)
+    kept = prepared.train[0]["messages"]
+    assert [m["role"] for m in kept] == ["user", "assistant"]
+    assert kept[1]["content"] and answer.startswith(kept[1]["content"]) and len(kept[1]["content"]) < len(answer)
+    assert kept[0]["content"] and question.endswith(kept[0]["content"]) and len(kept[0]["content"]) < len(question)
+    assert len(encode_chat(kept, tokenizer)[0]) <= 63
