@@ -164,6 +164,9 @@ def _cli(*args):
 def test_unknown_quant_and_format_are_refused_before_loading(tiny_run, tmp_path):
     result = _cli(tiny_run.path, "--format", "gguf", "--quant", "q3_k", "--out", tmp_path / "x.gguf")
     assert result.exit_code == 1 and "unknown --quant 'q3_k'" in result.output and "Traceback" not in result.output
+    result = _cli(tiny_run.path, "--format", "hf", "--quant", "q8_0", "--out", tmp_path / "hf")
+    assert result.exit_code == 1 and "unknown --quant 'q8_0' for --format hf" in result.output
+    assert "Traceback" not in result.output
     result = _cli(tiny_run.path, "--format", "onnx", "--out", tmp_path / "x")
     assert result.exit_code == 1 and "unknown format 'onnx'" in result.output
     assert list(tmp_path.iterdir()) == []
@@ -174,11 +177,20 @@ def test_a_run_still_training_is_refused(tiny_run, tmp_path):
     saved = status.read_text()
     status.write_text(json.dumps({"status": "running", "step": 3}))
     try:
-        result = _cli(tiny_run.path, "--format", "hf", "--out", tmp_path / "hf")
+        with tiny_run.training_lock():  # what a training process holds
+            result = _cli(tiny_run.path, "--format", "hf", "--out", tmp_path / "hf")
     finally:
         status.write_text(saved)
     assert result.exit_code == 1 and "still training" in result.output and "status.json" in result.output
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_run_whose_training_process_died_exports_its_last_weights(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run.path, copy)
+    (copy / "status.json").write_text(json.dumps({"status": "running", "step": 3}))  # killed: no lock held
+    out = export(copy, format="hf", out=tmp_path / "hf")
+    assert (out / "model.safetensors").is_file() and (out / "tunesmith-export.json").is_file()
 
 
 def test_a_run_whose_base_is_gone_is_refused(tiny_run, tmp_path):
@@ -209,6 +221,11 @@ def test_an_existing_output_is_kept_unless_it_is_an_earlier_export(tiny_run, tmp
     export(tiny_run.path, format="gguf", out=ours, quant="q8_0", overwrite=True)
     assert ours.stat().st_mtime_ns != before
 
+    earlier = export(tiny_run.path, format="hf", out=tmp_path / "earlier")
+    result = _cli(tiny_run.path, "--format", "hf", "--out", earlier)
+    assert result.exit_code == 1 and "already exists" in result.output and "--overwrite" in result.output
+    assert (earlier / "model.safetensors").is_file()
+
     hf = tmp_path / "dir"
     hf.mkdir()
     (hf / "notes.txt").write_text("mine")
@@ -231,6 +248,18 @@ def test_a_full_disk_leaves_nothing_at_the_output_path(tiny_run, tmp_path, monke
         export(tiny_run.path, format="gguf", out=out)
     assert err.value.file == str(out)
     assert not out.exists() and os.listdir(out.parent) == []
+
+    from transformers import PreTrainedModel
+
+    def save_fills_up(self, directory, *args, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_fills_up)
+    hf = tmp_path / "hf-full"
+    result = _cli(tiny_run.path, "--format", "hf", "--out", hf)
+    assert result.exit_code == 1 and "disk filled up" in result.output and "Traceback" not in result.output
+    assert not hf.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(TunesmithError, match="not enough disk space"):

@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="Base models available on this machine.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models, runs and exports on this machine.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 # Deprecation notices from the libraries are for us, not for the user.
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -40,19 +40,98 @@ def _setting(cls: type, name: str, *decls: str):
     return typer.Option(list(default) if isinstance(default, (list, tuple)) else default, *decls, help=meta["help"])
 
 
+_RUNS_OPTION = typer.Option(Path("runs"), "--runs", help="the folder that holds your runs")
+_EXPORTS_OPTION = typer.Option(Path("exports"), "--exports", help="the folder that holds your exports")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
 @models_app.command("list")
 @user_errors
-def models_list() -> None:
-    """Show the base models you can fine-tune (nothing is downloaded)."""
+def models_list(
+    runs: Path = _RUNS_OPTION,
+    exports: Path = _EXPORTS_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="print JSON: kind, name, path, size (bytes), uses, state"),
+) -> None:
+    """Show base models, runs and exports, their size on disk and what each is for (nothing is downloaded)."""
+    import json
+    from dataclasses import asdict
+
     from rich.table import Table
 
-    from .models import list_models
+    from .inventory import list_items
 
-    table = Table("name", "params", "ready", "description", "source")
-    for row in list_models():
-        ready = "cached" if row["cached"] else ("yes" if row["available"] else "[red]no[/]")
-        table.add_row(row["name"], row["params"], ready, row["description"], row["source"])
+    items = list_items(runs, exports)
+    if as_json:
+        out.print_json(json.dumps([asdict(item) for item in items], default=str))
+        return
+    table = Table("kind", "name", "size", "use with", "state")
+    for item in items:
+        table.add_row(item.kind, escape(item.name), _size(item.size), ", ".join(item.uses) or "-", escape(item.state))
     out.print(table)
+
+
+@models_app.command("show")
+@user_errors
+def models_show(
+    name: str = typer.Argument(..., help="a base model, run or export (as `models list` names it), or its path"),
+    runs: Path = _RUNS_OPTION,
+    exports: Path = _EXPORTS_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Details of one base model, run or export: base, corpus, hyperparameters, metrics, files."""
+    import json
+
+    from .inventory import show
+
+    info = show(name, runs, exports)
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    out.print(f"[bold]{escape(info['name'])}[/] ({info['kind']}, {_size(info['size'])}) at {escape(info['path'])}",
+              soft_wrap=True)
+    out.print(f"  use with: {', '.join(info['uses']) or '-'}")
+    if info["state"]:
+        out.print(f"  state: {escape(info['state'])}", soft_wrap=True)
+    for key in ("base", "source", "modelfile"):
+        if info.get(key):
+            out.print(f"  {key}: {escape(str(info[key]))}", soft_wrap=True)
+    for section in ("corpus", "hyperparameters", "export", "metrics"):
+        if info.get(section):
+            out.print(f"[bold]{section}[/]")
+            for key, value in info[section].items():
+                text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+                out.print(f"  {key}: {escape(text)}", soft_wrap=True)
+    out.print("[bold]files[/]")
+    for entry in info["files"]:
+        out.print(f"  {_size(entry['size']):>9}  {escape(entry['name'])}", soft_wrap=True)
+
+
+@models_app.command("rm")
+@user_errors
+def models_rm(
+    name: str = typer.Argument(..., help="a base model's cached copy, a run or an export, or its path"),
+    runs: Path = _RUNS_OPTION,
+    exports: Path = _EXPORTS_OPTION,
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+) -> None:
+    """Delete a base model's cached copy, a run or an export. Never anything outside $TUNESMITH_HOME,
+    --runs and --exports."""
+    from .inventory import find, remove
+
+    item = find(name, runs, exports)
+    what = f"{item.kind} {item.name} ({_size(item.size)}) at {item.path}"
+    if not yes and not typer.confirm(f"remove {what}?", default=False):
+        err.print("nothing removed")
+        raise typer.Exit(1)
+    remove(item, runs, exports)
+    out.print(f"removed {escape(what)}", soft_wrap=True)
 
 
 @app.command()
@@ -151,6 +230,7 @@ def train(
     save_every: Optional[int] = _setting(TrainConfig, "save_every"),
     keep_checkpoints: int = _setting(TrainConfig, "keep_checkpoints"),
     compile: str = _setting(TrainConfig, "compile"),
+    chat_loss: str = _setting(TrainConfig, "chat_loss"),
     prompt: List[str] = _setting(TrainConfig, "sample_prompts", "--prompt"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the plan and estimated time, train nothing"),
     overwrite: bool = typer.Option(False, help="replace an earlier tunesmith run at --out (never any other folder)"),
@@ -180,7 +260,7 @@ def train(
         base=base, epochs=epochs, lr=lr, batch_size=batch_size, block_size=block_size, method=method,
         lora_r=lora_r, seed=seed, max_steps=max_steps, valid_fraction=valid_fraction, dtype=dtype,
         device=device, save_every=save_every, sample_prompts=list(prompt), compile=compile,
-        keep_checkpoints=keep_checkpoints,
+        keep_checkpoints=keep_checkpoints, chat_loss=chat_loss,
     )
     if resume is not None:
         return _resume(ctx, resume, data, options, dry_run=dry_run, out_dir=out_dir, validation=validation,

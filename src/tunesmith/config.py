@@ -101,6 +101,8 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep (best/ is kept too)", min=1)
     sample_prompts: list[str] = setting(help="fixed prompt for samples.md (repeatable)", factory=list)
     sample_tokens: int = setting(60, "tokens written per sample after each epoch")
+    chat_loss: str = setting("assistant", "what chat examples learn: the assistant's messages, or all tokens",
+                             choices=("assistant", "all"))
 
     def check(self) -> None:
         check_fields(self)

@@ -678,6 +678,15 @@ def _check_record(obj: dict, fmt: str, path: Path, line: int) -> dict:
                     hint="roles are: " + ", ".join(ROLES),
                 )
             checked.append({"role": role, "content": _string(message["content"], path, line, f"{where}.content")})
+            if "weight" in message:  # OpenAI's per-message weight: 0 (not learned) or 1
+                if role != "assistant" or message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+                    raise TunesmithError(
+                        f"weight must be 0 or 1 on an assistant message, found {json.dumps(message['weight'])}"
+                        + ("" if role == "assistant" else f" on a '{role}' message"),
+                        file=path, line=line, field=f"{where}.weight",
+                    )
+                if message["weight"] == 0:  # weight 1 is the default, and is not kept
+                    checked[-1]["weight"] = 0
         return {"messages": checked, "line": line}
     record = {name: _string(obj[name], path, line, name) for name in FIELDS[fmt]}
     record["line"] = line

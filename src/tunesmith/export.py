@@ -40,6 +40,27 @@ class Source:
     run: object | None  # rundir.Run, or None for a base model
 
 
+def training_now(run) -> bool:
+    """Whether a process is training ``run`` now: it holds the run's train.lock. A run whose
+    status still says "running" after its process died (killed, power loss) is not training,
+    and its last complete weights are usable."""
+    import fcntl
+
+    if run.status != "running":
+        return False
+    try:
+        handle = open(run.path / "train.lock", "a+")
+    except OSError:
+        return True  # cannot tell: treat it as training
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        handle.close()  # closing releases the lock if we took it
+    return False
+
+
 def load_source(source: str | Path) -> Source:
     """A finished (or stopped) run with its LoRA merged, or a base model as it is."""
     import torch
@@ -49,7 +70,7 @@ def load_source(source: str | Path) -> Source:
     path = Path(str(source)).expanduser()
     if rundir.is_run_dir(path):
         run = rundir.Run(path)
-        if run.status == "running":
+        if training_now(run):
             raise TunesmithError(
                 "this run is still training; export it when it has finished or been stopped",
                 file=path / "status.json", field="status",
@@ -162,7 +183,9 @@ def model_card(src: Source, fmt: str, quant: str) -> str:
                          f"tokens: {tokens.get('train')} train, {tokens.get('valid')} validation")
         lines += ["", "## Hyperparameters", "", "| setting | value |", "|---|---|"]
         for key in ("method", "epochs", "learning_rate", "batch_size", "block_size", "lora_r", "lora_alpha",
-                    "lora_dropout", "weight_decay", "warmup", "seed", "max_steps", "dtype"):
+                    "lora_dropout", "weight_decay", "warmup", "seed", "max_steps", "dtype", "chat_loss"):
+            if key == "chat_loss" and report.get("format") != "chat":
+                continue  # what chat examples learn; other data has none
             if cfg.get(key) is not None:
                 lines.append(f"| {key} | {cfg[key]} |")
         lines += _results(src.run.path)

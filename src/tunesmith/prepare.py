@@ -817,38 +817,14 @@ def _text_examples(corpus: Corpus, counter: _TokenCounter, stats: dict[str, int]
 def _pair_examples(
     corpus: Corpus, tokenizer: Any, counter: _TokenCounter, stats: dict[str, int]
 ) -> tuple[list[dict], list[int]]:
-    pairs: list[tuple[str, str]] = []
     if corpus.format == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise TunesmithError(
-                "this base model's tokenizer has no chat template, so chat rows cannot be rendered",
-                file=corpus.source, hint="use prompt/completion rows, or a base model with a chat template",
-            )
-        for record in corpus.records:
-            messages = record["messages"]
-            if messages[-1]["role"] != "assistant":
-                raise TunesmithError(
-                    f"the last message is from '{messages[-1]['role']}', not 'assistant'",
-                    file=corpus.source, line=record["line"], field="messages",
-                    hint="each chat example must end with the assistant's answer to learn",
-                )
-            if not messages[-1]["content"].strip():
-                stats["empty"] += 1
-                continue
-            try:
-                prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # templates are Jinja code and raise their own errors
-                raise TunesmithError(
-                    f"the chat template rejected this conversation: {exc}",
-                    file=corpus.source, line=record["line"], field="messages",
-                ) from None
-            pairs.append((prompt, messages[-1]["content"] + (tokenizer.eos_token or "")))
-    else:
-        for record in corpus.records:
-            if not record["completion"].strip():
-                stats["empty"] += 1
-                continue
-            pairs.append((record["prompt"], record["completion"]))
+        return _chat_examples(corpus, tokenizer, counter, stats)
+    pairs: list[tuple[str, str]] = []
+    for record in corpus.records:
+        if not record["completion"].strip():
+            stats["empty"] += 1
+            continue
+        pairs.append((record["prompt"], record["completion"]))
     budget = counter.budget
     rows, tokens = [], []
     prompt_counts = counter.many([p for p, _ in pairs])
@@ -865,6 +841,79 @@ def _pair_examples(
         rows.append({"prompt": prompt, "completion": completion})
         tokens.append(p + c)
     return rows, tokens
+
+
+def _chat_examples(
+    corpus: Corpus, tokenizer: Any, counter: _TokenCounter, stats: dict[str, int]
+) -> tuple[list[dict], list[int]]:
+    """Chat rows keep their messages: training renders the whole conversation with the chat
+    template and learns the assistant's messages (chat.encode_chat). ``prompt`` (the
+    conversation before the last answer, with the generation prompt) and ``completion`` (that
+    answer and the end-of-sequence token) are kept beside them for the checks, samples and copy finder. A conversation longer
+    than the budget loses its oldest turns (a system message stays), then its text is cut."""
+    from .chat import encode_chat, render_chat
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise TunesmithError(
+            "this base model's tokenizer has no chat template, so chat rows cannot be rendered",
+            file=corpus.source, hint="use prompt/completion rows, or a base model with a chat template",
+        )
+    rows, tokens = [], []
+    for record in corpus.records:
+        messages = record["messages"]
+        where = {"file": corpus.source, "line": record["line"], "field": "messages"}
+        if messages[-1]["role"] != "assistant":
+            raise TunesmithError(
+                f"the last message is from '{messages[-1]['role']}', not 'assistant'", **where,
+                hint="each chat example must end with the assistant's answer to learn",
+            )
+        if not any(m["content"].strip() for m in messages if m["role"] == "assistant" and m.get("weight", 1)):
+            stats["empty"] += 1
+            continue
+        try:
+            n = len(encode_chat(messages, tokenizer)[0])
+            if n > counter.budget:
+                stats["truncated"] += 1
+                messages, n = _fit_chat(messages, tokenizer, counter)
+            prompt = render_chat(messages[:-1], tokenizer, add_generation_prompt=True)
+        except TunesmithError:
+            raise
+        except Exception as exc:  # templates are Jinja code and raise their own errors
+            raise TunesmithError(f"the chat template rejected this conversation: {exc}", **where) from None
+        completion = messages[-1]["content"] + (tokenizer.eos_token or "")
+        rows.append({"messages": messages, "prompt": prompt, "completion": completion})
+        tokens.append(n)
+    return rows, tokens
+
+
+def _fit_chat(messages: list[dict], tokenizer: Any, counter: _TokenCounter) -> tuple[list[dict], int]:
+    """``messages`` cut to fit the budget: the oldest turns go first (a leading system message
+    stays while it can); if the last question and answer alone are too long, the answer keeps
+    its start (at most three quarters of the budget) and the question its end."""
+    from .chat import encode_chat
+
+    def size(msgs: list[dict]) -> int:
+        return len(encode_chat(msgs, tokenizer)[0])
+
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while len(turns) > 2:
+        turns = turns[1:]
+        if size(system + turns) <= counter.budget:
+            return system + turns, size(system + turns)
+    turns = [dict(m) for m in turns]
+    overhead = size([{**m, "content": ""} for m in turns])
+    room = counter.budget - overhead
+    answer = turns[-1]
+    if counter.one(answer["content"]) > room * 3 // 4 and len(turns) > 1:
+        answer["content"] = counter.cut(answer["content"], room * 3 // 4)
+    elif len(turns) == 1:
+        answer["content"] = counter.cut(answer["content"], room)
+    if len(turns) > 1:
+        turns[0]["content"] = counter.cut(turns[0]["content"], room - counter.one(answer["content"]), keep="end")
+    while size(turns) > counter.budget and answer["content"]:  # pieces can merge differently when joined
+        answer["content"] = counter.cut(answer["content"], counter.one(answer["content"]) - 1)
+    return turns, size(turns)
 
 
 def normalised_key(row: dict) -> str:
@@ -1006,8 +1055,9 @@ def _checks(
     elif stats["truncated"]:
         checks.append(_check(
             "long examples", "fixed",
-            f"truncated {counted(stats['truncated'], 'example')} longer than {budget:,} tokens (the prompt's start is cut "
-            "first); raise --block-size to keep them whole",
+            f"truncated {counted(stats['truncated'], 'example')} longer than {budget:,} tokens "
+            f"({'the oldest turns go' if fmt == 'chat' else 'the prompt' + chr(39) + 's start is cut'} first); "
+            "raise --block-size to keep them whole",
         ))
     else:
         checks.append(_check("long examples", "ok", f"every example fits in {budget:,} tokens"))

@@ -6,6 +6,9 @@ Prompt/completion and chat examples are packed whole, several to a block, each i
 segment: a token attends only to earlier tokens of its own example, positions restart at 0
 for each example, and the rest of a block is padding. A loss mask keeps prompts (and padding)
 out of the loss.
+
+A chat example is the model's chat template rendered over the whole conversation; by default
+only the assistant's messages are learned (``chat.encode_chat``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .chat import encode_chat
 from .corpus import read_text
 
 
@@ -38,11 +42,16 @@ class Blocks:
         return self.ids.shape[1] - 1
 
 
-def encode_example(row: dict, tokenizer, joiner: list[int] | None = None) -> tuple[list[int], list[bool]]:
+def encode_example(
+    row: dict, tokenizer, joiner: list[int] | None = None, chat_loss: str = "assistant"
+) -> tuple[list[int], list[bool]]:
     """Token ids and loss mask of one example. Records end in EOS; consecutive pieces of one
     book end in ``joiner`` (a paragraph break) instead, so the model learns to go on writing
-    rather than to stop after every few hundred tokens."""
+    rather than to stop after every few hundred tokens. A chat row (``messages``) is the whole
+    conversation rendered with the chat template (``chat.encode_chat``)."""
     eos = tokenizer.eos_token_id
+    if "messages" in row:
+        return encode_chat(row["messages"], tokenizer, chat_loss)
     if "text" in row:
         ids = tokenizer.encode(row["text"], add_special_tokens=False)
         mask = [True] * len(ids)
@@ -92,16 +101,19 @@ def pack(ids: np.ndarray, mask: np.ndarray, block_size: int, pad_id: int) -> Blo
 RECORD_FORMATS = ("prompt_completion", "chat")
 
 
-def make_blocks(rows: list[dict], tokenizer, block_size: int, fmt: str | None) -> Blocks:
+def make_blocks(
+    rows: list[dict], tokenizer, block_size: int, fmt: str | None, chat_loss: str = "assistant"
+) -> Blocks:
     """Training blocks for rows of a prepared data set of format ``fmt``.
 
     Books pack across paragraphs (pieces joined by a paragraph break), text documents across
     documents (each ending in EOS); prompt/completion and chat examples are packed apart
-    (``pack_examples``), so no example sees the one before it.
+    (``pack_examples``), so no example sees the one before it. ``chat_loss`` is what chat
+    examples learn (see ``chat.encode_chat``).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if fmt in RECORD_FORMATS:
-        return pack_examples([encode_example(row, tokenizer) for row in rows], block_size, pad)
+        return pack_examples([encode_example(row, tokenizer, chat_loss=chat_loss) for row in rows], block_size, pad)
     joiner = book_joiner(tokenizer) if fmt == "book" else None
     return pack(*tokenize_rows(rows, tokenizer, joiner), block_size, pad)
 

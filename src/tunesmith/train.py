@@ -329,7 +329,7 @@ def _moved(prepared: dict, data_dir: Path) -> dict:
     return {**prepared, "train": moved.train, "valid": moved.valid, "dir": data_dir}
 
 
-def pack_data(prepared: dict, tok, block_size: int):
+def pack_data(prepared: dict, tok, block_size: int, chat_loss: str = "assistant"):
     """Training and validation blocks of ``prepared`` (as load_data returns it), as the run
     trains on them (tokens.make_blocks: books join their pieces by a paragraph break, records get
     one attention segment each). The time estimate counts blocks with this too.
@@ -341,15 +341,17 @@ def pack_data(prepared: dict, tok, block_size: int):
 
     fmt = (prepared.get("report") or {}).get("format")
     directory = prepared.get("dir")
-    if directory is not None and Path(directory).is_dir() and fmt:
+    # Chat data is packed from its rows: its mask covers every assistant message, which the
+    # shards (one prompt boundary per example) cannot hold.
+    if directory is not None and Path(directory).is_dir() and fmt and fmt != "chat":
         shards = open_shards(Path(directory), tok, block_size, fmt)
         if shards is None:
             write_shards(Path(directory), {"train": prepared["train"], "valid": prepared["valid"]}, tok, fmt)
             shards = open_shards(Path(directory), tok, block_size, fmt)
         if shards is not None and shards["train"] is not None:
             return shards["train"], shards["valid"]
-    train_blocks = make_blocks(prepared["train"], tok, block_size, fmt)
-    valid_blocks = make_blocks(prepared["valid"], tok, block_size, fmt) if prepared["valid"] else None
+    train_blocks = make_blocks(prepared["train"], tok, block_size, fmt, chat_loss)
+    valid_blocks = make_blocks(prepared["valid"], tok, block_size, fmt, chat_loss) if prepared["valid"] else None
     return train_blocks, valid_blocks
 
 
@@ -575,7 +577,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     model, tok, device, compute = build_model(cfg)
     emit(TrainEvent("info", message=f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"))
 
-    train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size)
+    train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size, cfg.chat_loss)
     for warning in prepared.get("warnings", []):
         emit(TrainEvent("info", message=f"warning: {warning}", level="warning"))
     steps_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
