@@ -68,8 +68,21 @@ def prepare(
     seed: int = _setting(TrainConfig, "seed"),
     overwrite: bool = typer.Option(False, help="replace an existing output dir"),
     estimate: bool = typer.Option(True, help="measure this machine to estimate training time"),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="labelled data: the label column"),
+    text_col: List[str] = typer.Option([], "--text-col", help="labelled data: the text column (repeatable)"),
 ) -> None:
-    """Clean, cut and split a text into training examples, and report on it."""
+    """Clean, cut and split a text into training examples, and report on it. A table with a label
+    column (label, score, rating, ... or --label-col) is checked as labelled data instead."""
+    from .labelled import looks_labelled
+
+    if looks_labelled(file, label_col):
+        from .labelled import format_labelled_report, inspect_labelled
+
+        report = inspect_labelled(file, text_cols=list(text_col) or None, label_col=label_col)
+        out.print(format_labelled_report(report), highlight=False, markup=False, soft_wrap=True)
+        if any(check["status"] == "error" for check in report["checks"]):
+            raise typer.Exit(1)
+        return
     from .estimate import report_estimate
     from .prepare import format_report
     from .prepare import prepare as prepare_api
@@ -164,7 +177,8 @@ def train(
     (--base may be a language-model run: the two-stage fine-tune)."""
     if task is not None:
         _train_classifier(data, task=task, base=base, out_dir=out_dir, epochs=epochs, lr=lr, method=method,
-                          lora_r=lora_r, seed=seed, batch_size=batch_size, max_steps=max_steps, dtype=dtype,
+                          lora_r=lora_r, seed=seed, batch_size=batch_size, block_size=block_size,
+                          max_steps=max_steps, dtype=dtype,
                           device=device, overwrite=overwrite, text_col=text_col, label_col=label_col,
                           template=template)
         return

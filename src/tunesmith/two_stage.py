@@ -168,7 +168,7 @@ def run_two_stage(
             run = finetune_classifier(
                 scratch / "train.jsonl", out=out / ("stage2-from-base" if start == base else "stage2-from-stage1"),
                 overwrite=True, task="regress", text_cols=["text"], label_col="rating", base=start, epochs=1,
-                batch_size=16, lr=1e-3, max_length=64, seed=seed, valid_fraction=0.05, progress=progress,
+                batch_size=16, lr=1e-3, block_size=64, seed=seed, valid_fraction=0.05, progress=progress,
                 on_event=lambda e: say(e["message"]) if e["type"] == "info" else None,
             )
             scores = np.array([p["score"] for p in Classifier.load(run.path).predict(texts)])
