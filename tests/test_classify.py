@@ -359,6 +359,29 @@ def test_two_stage_demo_runs_end_to_end(tmp_path, tiny_model_dir):
     assert Run(result.rows[2].run_dir).config["base"] == str(result.stage1_dir.resolve())
     table = format_table(result)
     assert "mean predictor" in table and "sign accuracy" in table
+    heldout = [json.loads(x) for x in (tmp_path / "runs" / "heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == 30 and {"text", "rating", "a", "b"} <= set(heldout[0])
+    assert result.rows[1].pearson == pytest.approx(pearson([r["rating"] for r in heldout], [r["a"] for r in heldout]))
+    assert result.cpu_seconds > 0 and set(result.effect) >= {"pearson", "pearson_ci", "sign_accuracy"}
+
+
+def test_stage1_effect_is_b_minus_a_with_a_paired_interval():
+    from tunesmith.two_stage import format_effect, stage1_effect
+
+    truth = np.array([1.0, -1.0, 2.0, -2.0, 3.0, -0.5, 0.5, -3.0])
+    # (a) is exactly wrong (Pearson -1, no sign right), (b) exactly right: every resample says so
+    effect = stage1_effect(truth, -truth, truth)
+    assert effect["pearson"] == pytest.approx(2.0) and effect["pearson_ci"] == pytest.approx([2.0, 2.0])
+    assert effect["sign_accuracy"] == pytest.approx(1.0) and effect["sign_accuracy_ci"] == pytest.approx([1.0, 1.0])
+    assert "stage 1 helped" in format_effect(effect)
+    same = stage1_effect(truth, truth + 0.1, truth + 0.1)
+    assert same["pearson"] == 0 and same["pearson_ci"] == [0, 0] and "no clear effect" in format_effect(same)
+    # (b) right on 3 of 8 signs where (a) is right on 2: +12.5 points, and the interval spans 0
+    a = np.array([1, 1, 1, 1, -1, 1, -1, 1.0]) * np.abs(truth)
+    b = np.array([1, -1, 1, 1, -1, 1, -1, 1.0]) * np.abs(truth)
+    mixed = stage1_effect(truth, a, b)
+    assert mixed["sign_accuracy"] == pytest.approx(1 / 8)
+    assert mixed["sign_accuracy_ci"][0] <= 0 <= mixed["sign_accuracy_ci"][1]
 
 
 def test_demo_two_stage_prints_the_table(monkeypatch, tmp_path):

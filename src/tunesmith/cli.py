@@ -455,13 +455,15 @@ def demo(
     """Prepare a public-domain book, fine-tune the bundled model on it, compare before and after,
     and end with `tunesmith eval --quick`: does it copy the book, does it sound like the author."""
     if two_stage:
-        from .two_stage import format_table, run_two_stage
+        from .two_stage import format_effect, format_table, run_two_stage
 
         say = lambda s: out.print(s, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
         result = run_two_stage(out=out_dir if out_dir != Path("runs/demo") else Path("runs/two-stage"), full=full,
                                seed=seed, say=say)
         say("\n" + format_table(result))
-        say(f"total {result.seconds / 60:.1f} min; runs in {result.stage1_dir.parent}")
+        say(format_effect(result.effect))
+        say(f"total {result.seconds / 60:.1f} min (CPU time {result.cpu_seconds / 60:.1f} min); runs in "
+            f"{result.stage1_dir.parent}")
         return
     from rich.columns import Columns
     from rich.panel import Panel
