@@ -542,3 +542,31 @@ def test_bad_jsonl_rows_name_the_line(tmp_path):
     with pytest.raises(TunesmithError, match="no label column found; the columns are: text, stars"):
         finetune_classifier(tmp_path / "e.jsonl", out=tmp_path / "run", base="tiny-llama", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_block_size_is_the_one_setting_for_text_length(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+    from tunesmith.config import TrainConfig, spec
+
+    write_jsonl(tmp_path / "d.jsonl", negation_sentences(40, seed=5))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "d.jsonl"), "--task", "classify", "--base", "tiny-llama",
+                                      "--block-size", "16", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    run = Run(tmp_path / "run")
+    assert run.config["block_size"] == 16
+    clf = Classifier.load(run.path)
+    words = "the film was not good and then " * 10  # far more than 16 tokens
+    assert len(clf.tokenizer(words, add_special_tokens=False)["input_ids"]) > 40
+    # only the first 16 tokens count: what comes after them changes nothing
+    one, two = clf.predict([words, words + "truly wonderful lovely excellent"])
+    assert one["probabilities"] == pytest.approx(two["probabilities"], abs=1e-6)
+    # the default and the bounds are TrainConfig's
+    from tunesmith.classify import ClassifyConfig
+
+    assert ClassifyConfig().block_size == spec(TrainConfig, "block_size")["default"]
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "d.jsonl"), "--task", "classify", "--base", "tiny-llama",
+                                      "--block-size", "8", "--out", str(tmp_path / "run2")])
+    assert result.exit_code == 1 and "--block-size" in result.output and "between 16 and 8192" in result.output
+    assert not (tmp_path / "run2").exists()
