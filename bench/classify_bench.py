@@ -6,7 +6,7 @@
   ``tokenizer(batch, padding=True)`` and ``model(**batch)`` under ``torch.inference_mode``, batches
   in file order with the same mean number of texts per batch. Both sides score the same snippets;
   their scores are compared. Target: 10,000 snippets in under 2 minutes (timed on all 10,000 once;
-  the interleaved repeats run on a 2,000-snippet part to keep the section short).
+  the interleaved repeats run on a 1,000-snippet part to keep the section short).
 - **stage-2 training**: examples/s of ``finetune_classifier`` (LoRA + head, batch 16, regression of
   the rating), read from the run's own ``metrics.jsonl`` (steps after the first).
 
@@ -147,8 +147,8 @@ def run(ctx: dict) -> dict:
     quick, repeats = ctx["quick"], (1 if ctx["quick"] else max(3, ctx["repeats"]))
     work = Path(ctx["work"]) / "classify-bench"
     work.mkdir(parents=True, exist_ok=True)
-    steps = 3 if quick else 8
-    part = 200 if quick else 2000  # snippets per interleaved predict repeat
+    steps = 3 if quick else 6
+    part = 200 if quick else 1000  # snippets per interleaved predict repeat
     full_n = 500 if quick else TARGET_TEXTS
     common = {"archive": str(archive), "model": ctx["model"], "device": ctx["device"], "work": str(work)}
     result: dict = {"snippets_available": n_snippets, "repeats": repeats, "train_steps": steps, "batch": BATCH,
