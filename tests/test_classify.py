@@ -80,6 +80,8 @@ BAD = [
     ("NaN target", ["text", "score"], [["good", "1.5"], ["bad", "nan"]], {"task": "regress"}, 3, ["nan", "'score'"]),
     ("non-numeric target", ["text", "score"], [["good", "1.5"], ["bad", "high"]], {"task": "regress"}, 3,
      ["'high' is not a number"]),
+    ("empty target", ["text", "score"], [["good", "1.5"], ["fine", "0.5"], ["bad", ""]], {"task": "regress"}, 4,
+     ["empty target", "'score'"]),
 ]
 
 

@@ -198,6 +198,9 @@ def infer_task(values: list) -> tuple[str, str]:
 
 def _label(value, task: str, path: Path, line: int, col: str):
     if task == "regress":
+        if value is None or not str(value).strip():
+            raise TunesmithError("empty target; a regression needs a number on every row", file=path, line=line,
+                                 field=col)
         number = _as_number(value)
         if number is None:
             raise TunesmithError(f"the target {value!r} is not a number", file=path, line=line, field=col)
