@@ -83,6 +83,9 @@ def prepare(
         if any(check["status"] == "error" for check in report["checks"]):
             raise typer.Exit(1)
         return
+    if text_col:
+        raise TunesmithError("is for labelled data: this file has no label column", field="text_col",
+                             hint="name the label column with --label-col")
     from .estimate import report_estimate
     from .prepare import format_report
     from .prepare import prepare as prepare_api
