@@ -80,6 +80,8 @@ BAD = [
     ("NaN target", ["text", "score"], [["good", "1.5"], ["bad", "nan"]], {"task": "regress"}, 3, ["nan", "'score'"]),
     ("non-numeric target", ["text", "score"], [["good", "1.5"], ["bad", "high"]], {"task": "regress"}, 3,
      ["'high' is not a number"]),
+    ("empty target", ["text", "score"], [["good", "1.5"], ["fine", "0.5"], ["bad", ""]], {"task": "regress"}, 4,
+     ["empty target", "'score'"]),
 ]
 
 
@@ -359,6 +361,29 @@ def test_two_stage_demo_runs_end_to_end(tmp_path, tiny_model_dir):
     assert Run(result.rows[2].run_dir).config["base"] == str(result.stage1_dir.resolve())
     table = format_table(result)
     assert "mean predictor" in table and "sign accuracy" in table
+    heldout = [json.loads(x) for x in (tmp_path / "runs" / "heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == 30 and {"text", "rating", "a", "b"} <= set(heldout[0])
+    assert result.rows[1].pearson == pytest.approx(pearson([r["rating"] for r in heldout], [r["a"] for r in heldout]))
+    assert result.cpu_seconds > 0 and set(result.effect) >= {"pearson", "pearson_ci", "sign_accuracy"}
+
+
+def test_stage1_effect_is_b_minus_a_with_a_paired_interval():
+    from tunesmith.two_stage import format_effect, stage1_effect
+
+    truth = np.array([1.0, -1.0, 2.0, -2.0, 3.0, -0.5, 0.5, -3.0])
+    # (a) is exactly wrong (Pearson -1, no sign right), (b) exactly right: every resample says so
+    effect = stage1_effect(truth, -truth, truth)
+    assert effect["pearson"] == pytest.approx(2.0) and effect["pearson_ci"] == pytest.approx([2.0, 2.0])
+    assert effect["sign_accuracy"] == pytest.approx(1.0) and effect["sign_accuracy_ci"] == pytest.approx([1.0, 1.0])
+    assert "stage 1 helped" in format_effect(effect)
+    same = stage1_effect(truth, truth + 0.1, truth + 0.1)
+    assert same["pearson"] == 0 and same["pearson_ci"] == [0, 0] and "no clear effect" in format_effect(same)
+    # (b) right on 3 of 8 signs where (a) is right on 2: +12.5 points, and the interval spans 0
+    a = np.array([1, 1, 1, 1, -1, 1, -1, 1.0]) * np.abs(truth)
+    b = np.array([1, -1, 1, 1, -1, 1, -1, 1.0]) * np.abs(truth)
+    mixed = stage1_effect(truth, a, b)
+    assert mixed["sign_accuracy"] == pytest.approx(1 / 8)
+    assert mixed["sign_accuracy_ci"][0] <= 0 <= mixed["sign_accuracy_ci"][1]
 
 
 def test_demo_two_stage_prints_the_table(monkeypatch, tmp_path):
@@ -384,3 +409,166 @@ def test_demo_two_stage_prints_the_table(monkeypatch, tmp_path):
     lines = result.output.splitlines()
     assert any(line.startswith("(b) stage 2 from stage 1") and "0.660" in line and "0.770" in line for line in lines)
     assert any(line.startswith("mean predictor") and "0 (const)" in line and "0.520" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# `tunesmith prepare` on labelled data: the task, the labels and each problem, with its lines
+
+
+def _checks(report) -> dict:
+    return {c["name"]: c for c in report["checks"]}
+
+
+def test_prepare_infers_the_task_as_the_legacy_tool_did(tmp_path):
+    from tunesmith.labelled import inspect_labelled, looks_labelled
+
+    words = _csv(tmp_path / "words.csv", ["text", "label"], [[f"t{i}", "pos" if i % 2 else "neg"] for i in range(12)])
+    stars = _csv(tmp_path / "stars.csv", ["review", "rating"], [[f"t{i}", i % 5 + 1] for i in range(40)])
+    scores = _csv(tmp_path / "scores.csv", ["sentence", "score"], [[f"t{i}", i / 4] for i in range(40)])
+    assert inspect_labelled(words)["task"] == "classify"
+    assert inspect_labelled(stars)["task"] == "classify"  # 5 distinct numbers: classes
+    assert "5 distinct values" in inspect_labelled(stars)["task_reason"]
+    assert inspect_labelled(scores)["task"] == "regress"  # 40 distinct numbers: a score
+    # text without labels, and prompt/completion pairs, are for generation: prepare's own path
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "a"}, {"text": "b"}])
+    _csv(tmp_path / "pairs.csv", ["prompt", "completion", "label"], [["a", " b", "x"]])
+    assert [looks_labelled(p) for p in (words, stars, scores, tmp_path / "text.jsonl", tmp_path / "pairs.csv")] == [
+        True, True, True, False, False]
+    assert looks_labelled(tmp_path / "text.jsonl", label_col="text")  # named explicitly
+
+
+def test_prepare_reports_distribution_small_classes_and_conflicts(tmp_path):
+    from tunesmith.labelled import inspect_labelled
+
+    rows = ([[f"good {i}", "pos"] for i in range(6)] + [[f"bad {i}", "neg"] for i in range(5)]
+            + [["meh", "mixed"], ["so so", "mixed"]] + [["good  0", "neg"], ["bad 1", "neg"]])
+    # lines: header 1; pos 2-7; neg 8-12; mixed 13-14; "good  0" (= line 2 up to whitespace) 15; "bad 1" again 16
+    report = inspect_labelled(_csv(tmp_path / "d.csv", ["text", "label"], rows))
+    assert report["label_counts"] == {"mixed": 2, "neg": 7, "pos": 6}
+    checks = _checks(report)
+    assert checks["small classes"]["status"] == "warning" and checks["small classes"]["lines"] == [13, 14]
+    assert "mixed (2)" in checks["small classes"]["message"]
+    # "bad 1" twice with the same label is no conflict; "good 0" as pos and as neg is
+    assert report["conflicting_duplicates"] == [{"text": "good 0", "lines": [2, 15], "labels": ["pos", "neg"]}]
+    assert "lines 2, 15: 'pos' vs 'neg'" in checks["conflicting duplicates"]["message"]
+    assert not any(c["status"] == "error" for c in report["checks"])
+
+
+def test_prepare_reports_numbers_stored_as_strings_and_nan_targets(tmp_path):
+    from tunesmith.labelled import inspect_labelled
+
+    rows = [{"text": f"t{i}", "score": i * 0.5} for i in range(40)]
+    rows[3]["score"] = "1.5"          # line 4: a number stored as a string
+    rows[6]["score"] = float("nan")   # line 7: NaN (json writes it as NaN)
+    rows[9]["score"] = "n/a"          # line 10: not a number
+    rows[12]["score"] = ""            # line 13: empty
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = inspect_labelled(tmp_path / "d.jsonl")
+    assert report["task"] == "regress"
+    checks = _checks(report)
+    assert checks["numeric labels"]["lines"] == [4] and "stored as a string" in checks["numeric labels"]["message"]
+    assert checks["targets"]["status"] == "error" and checks["targets"]["lines"] == [7, 10, 13]
+    assert "1 NaN" in checks["targets"]["message"] and "1 not a number" in checks["targets"]["message"]
+    assert report["target"]["count"] == 37
+    # in a CSV every cell is a string; one number written two ways is what matters there
+    path = _csv(tmp_path / "c.csv", ["text", "label"], [["a", "1"], ["b", "1.0"], ["c", "0"], ["d", "0"]])
+    check = _checks(inspect_labelled(path))["numeric labels"]
+    assert check["status"] == "warning" and "'1' = '1.0'" in check["message"] and check["lines"] == [2, 3]
+
+
+def test_prepare_errors_for_what_train_refuses(tmp_path):
+    from tunesmith.labelled import inspect_labelled
+
+    one = inspect_labelled(_csv(tmp_path / "one.csv", ["text", "label"], [["a", "x"], ["b", "x"]]))
+    assert _checks(one)["distribution"]["status"] == "error" and "single class" in _checks(one)["distribution"]["message"]
+    empty = inspect_labelled(_csv(tmp_path / "e.csv", ["text", "label"], [["a", "x"], [" ", "y"], ["c", "y"], ["", "x"]]))
+    assert _checks(empty)["empty text"]["lines"] == [3, 5]
+
+
+def test_prepare_cli_on_labelled_data_reports_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    path = _csv(tmp_path / "reviews.csv", ["id", "review", "stars"],
+                [[i, f"review {i}", "good" if i % 3 else "bad"] for i in range(30)])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["prepare", str(path), "--label-col", "stars"])
+    assert result.exit_code == 0, result.output
+    assert "task      classification" in result.output and "bad 10, good 20" in result.output
+    assert f"tunesmith train {path} --task classify --label-col stars" in result.output
+    bad = _csv(tmp_path / "bad.csv", ["text", "score"], [[f"t{i}", i] for i in range(20)] + [["x", "nan"]])
+    result = CliRunner().invoke(app, ["prepare", str(bad)])
+    assert result.exit_code == 1 and "line 22" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["bad.csv"])
+
+
+def test_train_auto_task_names_the_nan_line(tmp_path):
+    path = _csv(tmp_path / "d.csv", ["text", "score"], [[f"t{i}", i * 0.3] for i in range(30)] + [["x", "NaN"]])
+    with pytest.raises(TunesmithError) as info:
+        read_labelled(path)  # 30 distinct numbers and one NaN: still a regression, and the NaN is an error
+    assert "line 32" in str(info.value) and "'score'" in str(info.value) and "finite number" in str(info.value)
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_labelled_data_from_the_cli(tmp_path, case):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    _, header, rows, options, line, words = case
+    path = _csv(tmp_path / "bad.csv", header, rows)
+    args = ["train", str(path), "--task", options.get("task", "classify" if "label" in header else "regress"),
+            "--base", "tiny-llama", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert str(path) in result.output and all(word in result.output for word in words)
+    if line is not None:
+        assert f"line {line}" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_ragged_rows_name_the_line_and_column(tmp_path):
+    (tmp_path / "short.tsv").write_text("text\tlabel\ngood\t1\nbad\n")
+    with pytest.raises(TunesmithError) as info:
+        finetune_classifier(tmp_path / "short.tsv", out=tmp_path / "run", base="tiny-llama", progress=False)
+    assert str(info.value).startswith(f"{tmp_path / 'short.tsv'}, line 3, field 'label': this row has 1 cell but")
+    assert "no cell for column 'label'" in str(info.value) and not (tmp_path / "run").exists()
+
+
+def test_bad_jsonl_rows_name_the_line(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": "pos"}, {"text": "", "label": "neg"}])
+    with pytest.raises(TunesmithError, match=r"d\.jsonl, line 2, field 'text': empty text"):
+        finetune_classifier(tmp_path / "d.jsonl", out=tmp_path / "run", base="tiny-llama", progress=False)
+    write_jsonl(tmp_path / "e.jsonl", [{"text": "good", "stars": 1}, {"text": "bad", "stars": 0}])
+    with pytest.raises(TunesmithError, match="no label column found; the columns are: text, stars"):
+        finetune_classifier(tmp_path / "e.jsonl", out=tmp_path / "run", base="tiny-llama", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_block_size_is_the_one_setting_for_text_length(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+    from tunesmith.config import TrainConfig, spec
+
+    write_jsonl(tmp_path / "d.jsonl", negation_sentences(40, seed=5))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "d.jsonl"), "--task", "classify", "--base", "tiny-llama",
+                                      "--block-size", "16", "--max-steps", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    run = Run(tmp_path / "run")
+    assert run.config["block_size"] == 16
+    clf = Classifier.load(run.path)
+    words = "the film was not good and then " * 10  # far more than 16 tokens
+    assert len(clf.tokenizer(words, add_special_tokens=False)["input_ids"]) > 40
+    # only the first 16 tokens count: what comes after them changes nothing
+    one, two = clf.predict([words, words + "truly wonderful lovely excellent"])
+    assert one["probabilities"] == pytest.approx(two["probabilities"], abs=1e-6)
+    # the default and the bounds are TrainConfig's
+    from tunesmith.classify import ClassifyConfig
+
+    assert ClassifyConfig().block_size == spec(TrainConfig, "block_size")["default"]
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "d.jsonl"), "--task", "classify", "--base", "tiny-llama",
+                                      "--block-size", "8", "--out", str(tmp_path / "run2")])
+    assert result.exit_code == 1 and "--block-size" in result.output and "between 16 and 8192" in result.output
+    assert not (tmp_path / "run2").exists()

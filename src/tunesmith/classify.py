@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .atomic import append_jsonl, atomic_dir, atomic_path, write_json, write_jsonl, write_text
+from .config import TrainConfig, check_fields, spec
 from .errors import TunesmithError
 from .labelled import Labelled, read_labelled, split
 from .models import DEFAULT_BASE
@@ -30,6 +31,7 @@ from .rundir import RUN_FORMAT, Run, check_out_dir, is_run_dir
 from .scores import classification_metrics, plot_confusion, plot_scatter, regression_metrics
 from .version import library_versions
 
+BLOCK_SIZE = spec(TrainConfig, "block_size")["default"]  # one setting for LM and classifier runs
 PREDICT_BATCH_TOKENS = 4096  # tokens per inference batch (texts sorted by length, padded per batch)
 
 
@@ -43,7 +45,7 @@ class ClassifyConfig:
     epochs: int = 3
     lr: float | None = None  # None: 1e-3 for LoRA, 5e-5 for full
     batch_size: int = 16
-    max_length: int = 128  # longer texts are truncated (tokens)
+    block_size: int = BLOCK_SIZE  # tokens of a text (longer ones are truncated); TrainConfig.block_size
     lora_r: int = 16
     lora_alpha: int = 32
     weight_decay: float = 0.0
@@ -60,9 +62,10 @@ class ClassifyConfig:
             raise TunesmithError("must be classify or regress", field="task")
         if self.method not in ("lora", "full"):
             raise TunesmithError("must be 'lora' or 'full'", field="method")
-        for name in ("epochs", "batch_size", "max_length", "lora_r"):
+        for name in ("epochs", "batch_size", "lora_r"):
             if getattr(self, name) < 1:
                 raise TunesmithError("must be at least 1", field=name)
+        check_fields(TrainConfig(block_size=self.block_size), ["block_size"])  # its bounds, written once
         if self.lr is not None and not 0 < self.lr < 1:
             raise TunesmithError("must be between 0 and 1", field="lr")
         if not 0 < self.valid_fraction <= 0.5:
@@ -215,7 +218,7 @@ def finetune_classifier(
 
     ``data`` is a CSV/TSV/JSONL file; ``text_cols`` (several are joined with ``template``) and
     ``label_col`` name its columns, inferred from common names when left out. ``options`` are
-    ClassifyConfig fields (task, base, method, epochs, lr, batch_size, max_length, ...);
+    ClassifyConfig fields (task, base, method, epochs, lr, batch_size, block_size, ...);
     ``task="auto"`` decides from the labels. Returns the run.
     """
     unknown = set(options) - set(ClassifyConfig.__dataclass_fields__)
@@ -334,8 +337,8 @@ def _train(run: Run, cfg: ClassifyConfig, config: dict, train_rows, valid_rows, 
     emit({"type": "info", "message": f"loaded {cfg.base} with a {n_out}-output head on {device} "
           f"({str(compute).replace('torch.', '')}) in {time.perf_counter() - t0:.1f}s"})
 
-    train_ids = _encode(tok, [r["text"] for r in train_rows], cfg.max_length)
-    valid_ids = _encode(tok, [r["text"] for r in valid_rows], cfg.max_length)
+    train_ids = _encode(tok, [r["text"] for r in train_rows], cfg.block_size)
+    valid_ids = _encode(tok, [r["text"] for r in valid_rows], cfg.block_size)
     if cfg.task == "classify":
         index = {label: i for i, label in enumerate(labels)}
         y_train = np.array([index[r["label"]] for r in train_rows])
@@ -519,6 +522,7 @@ class Classifier:
         self.device, self.compute, self.name = device, compute, name
         self.task = config["task"]
         self.labels = config.get("labels") or []
+        self.block_size = config.get("block_size") or config.get("max_length", 128)  # older runs: max_length
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None, dtype: str | None = "auto") -> Classifier:
@@ -562,7 +566,7 @@ class Classifier:
 
     def predict(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> list[dict]:
         """``{"label", "probabilities"}`` per text for a classifier, ``{"score"}`` for a regressor."""
-        ids = _encode(self.tokenizer, list(texts), self.config.get("max_length", 128))
+        ids = _encode(self.tokenizer, list(texts), self.block_size)
         raw = _raw_outputs(self.model, self.tokenizer, ids, self.device, self.compute, on_batch)
         if self.task == "regress":
             scores = raw[:, 0] * self.config["target_std"] + self.config["target_mean"]

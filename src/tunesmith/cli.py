@@ -149,8 +149,24 @@ def prepare(
     seed: int = _setting(TrainConfig, "seed"),
     overwrite: bool = typer.Option(False, help="replace an existing output dir"),
     estimate: bool = typer.Option(True, help="measure this machine to estimate training time"),
+    label_col: Optional[str] = typer.Option(None, "--label-col", help="labelled data: the label column"),
+    text_col: List[str] = typer.Option([], "--text-col", help="labelled data: the text column (repeatable)"),
 ) -> None:
-    """Clean, cut and split a text into training examples, and report on it."""
+    """Clean, cut and split a text into training examples, and report on it. A table with a label
+    column (label, score, rating, ... or --label-col) is checked as labelled data instead."""
+    from .labelled import looks_labelled
+
+    if looks_labelled(file, label_col):
+        from .labelled import format_labelled_report, inspect_labelled
+
+        report = inspect_labelled(file, text_cols=list(text_col) or None, label_col=label_col)
+        out.print(format_labelled_report(report), highlight=False, markup=False, soft_wrap=True)
+        if any(check["status"] == "error" for check in report["checks"]):
+            raise typer.Exit(1)
+        return
+    if text_col:
+        raise TunesmithError("is for labelled data: this file has no label column", field="text_col",
+                             hint="name the label column with --label-col")
     from .estimate import report_estimate
     from .prepare import format_report
     from .prepare import prepare as prepare_api
@@ -252,7 +268,8 @@ def train(
         raise typer.Exit(launch(num_processes, _without_option(sys.argv[1:], "--num-processes")))
     if task is not None:
         _train_classifier(data, task=task, base=base, out_dir=out_dir, epochs=epochs, lr=lr, method=method,
-                          lora_r=lora_r, seed=seed, batch_size=batch_size, max_steps=max_steps, dtype=dtype,
+                          lora_r=lora_r, seed=seed, batch_size=batch_size, block_size=block_size,
+                          max_steps=max_steps, dtype=dtype,
                           device=device, overwrite=overwrite, text_col=text_col, label_col=label_col,
                           template=template)
         return
@@ -546,13 +563,15 @@ def demo(
     """Prepare a public-domain book, fine-tune the bundled model on it, compare before and after,
     and end with `tunesmith eval --quick`: does it copy the book, does it sound like the author."""
     if two_stage:
-        from .two_stage import format_table, run_two_stage
+        from .two_stage import format_effect, format_table, run_two_stage
 
         say = lambda s: out.print(s, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
         result = run_two_stage(out=out_dir if out_dir != Path("runs/demo") else Path("runs/two-stage"), full=full,
                                seed=seed, say=say)
         say("\n" + format_table(result))
-        say(f"total {result.seconds / 60:.1f} min; runs in {result.stage1_dir.parent}")
+        say(format_effect(result.effect))
+        say(f"total {result.seconds / 60:.1f} min (CPU time {result.cpu_seconds / 60:.1f} min); runs in "
+            f"{result.stage1_dir.parent}")
         return
     from rich.columns import Columns
     from rich.panel import Panel

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from .atomic import write_jsonl
+from .atomic import write_json, write_jsonl
 from .errors import TunesmithError
 from .home import home
 
@@ -103,6 +103,8 @@ class TwoStageResult:
     stage1_perplexity: tuple[float | None, float | None] = (None, None)
     counts: dict = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of all threads: what the run costs on a machine shared with others
+    effect: dict = field(default_factory=dict)  # (b) minus (a) on the held-out snippets, with bootstrap intervals
 
 
 def run_two_stage(
@@ -123,7 +125,7 @@ def run_two_stage(
     from .scores import mse, pearson, spearman
     from .train import finetune
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out = Path(out)
     snippets = read_snippets(archive)
     say(f"Data: {len(snippets):,} Rotten Tomatoes snippets rated -4..+4. {CITATION}.")
@@ -162,22 +164,66 @@ def run_two_stage(
         majority = 1.0 if np.mean([r["rating"] > 0 for r in train]) >= 0.5 else -1.0
         result.rows.append(StageResult("mean predictor (baseline)", None, None, mse(truth, np.full(len(truth), train_mean)),
                                        float(np.mean(np.sign(truth) == majority)), 0.0))
+        predictions = {}
         for name, start in (("(a) stage 2 from the base", base), ("(b) stage 2 from stage 1", str(stage1.path))):
             t0 = time.perf_counter()
             say(f"\n== {name}: regress mean_rating ==")
             run = finetune_classifier(
                 scratch / "train.jsonl", out=out / ("stage2-from-base" if start == base else "stage2-from-stage1"),
                 overwrite=True, task="regress", text_cols=["text"], label_col="rating", base=start, epochs=1,
-                batch_size=16, lr=1e-3, max_length=64, seed=seed, valid_fraction=0.05, progress=progress,
+                batch_size=16, lr=1e-3, block_size=64, seed=seed, valid_fraction=0.05, progress=progress,
                 on_event=lambda e: say(e["message"]) if e["type"] == "info" else None,
             )
             scores = np.array([p["score"] for p in Classifier.load(run.path).predict(texts)])
+            predictions[name[:3]] = scores
             row = StageResult(name, pearson(truth, scores), spearman(truth, scores), mse(truth, scores),
                               float(np.mean(np.sign(truth) == np.sign(scores))), time.perf_counter() - t0, run.path)
             result.rows.append(row)
             say(f"{name}: Pearson {_fmt(row.pearson)}, sign accuracy {row.sign_accuracy:.3f} ({row.seconds:.0f} s)")
+    result.effect = stage1_effect(truth, predictions["(a)"], predictions["(b)"], seed=seed)
+    write_jsonl(out / "heldout.jsonl", [{"id": r["id"], "text": r["text"], "rating": r["rating"], "a": float(a),
+                                         "b": float(b)} for r, a, b in zip(valid, predictions["(a)"], predictions["(b)"])])
     result.seconds = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu_started
+    write_json(out / "summary.json", {"counts": result.counts, "seconds": result.seconds,
+                                      "cpu_seconds": result.cpu_seconds, "effect": result.effect,
+                                      "stage1_perplexity": list(result.stage1_perplexity),
+                                      "rows": [{**row.__dict__, "run_dir": str(row.run_dir) if row.run_dir else None}
+                                               for row in result.rows]})
     return result
+
+
+def stage1_effect(truth, a, b, *, seed: int = 0, resamples: int = 2000) -> dict:
+    """What stage 1 changed, (b) minus (a), on the same held-out snippets: Pearson and sign accuracy,
+    each with a 95% paired bootstrap interval (the snippets resampled with replacement)."""
+    from .scores import pearson
+
+    truth, a, b = (np.asarray(x, dtype=float) for x in (truth, a, b))
+
+    def diffs(idx):
+        t, x, y = truth[idx], a[idx], b[idx]
+        return ((pearson(t, y) or 0.0) - (pearson(t, x) or 0.0),
+                float(np.mean(np.sign(t) == np.sign(y)) - np.mean(np.sign(t) == np.sign(x))))
+
+    rng = np.random.default_rng(seed)
+    samples = np.array([diffs(rng.integers(0, len(truth), len(truth))) for _ in range(resamples)])
+    point = diffs(np.arange(len(truth)))
+    lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
+    return {"pearson": point[0], "pearson_ci": [float(lo[0]), float(hi[0])],
+            "sign_accuracy": point[1], "sign_accuracy_ci": [float(lo[1]), float(hi[1])]}
+
+
+def format_effect(effect: dict) -> str:
+    """One line: the stage-1 effect and whether its interval excludes zero."""
+    if not effect:
+        return ""
+    p_lo, p_hi = effect["pearson_ci"]
+    a_lo, a_hi = effect["sign_accuracy_ci"]
+    verdict = ("stage 1 helped" if p_lo > 0 else "stage 1 hurt" if p_hi < 0 else
+               "no clear effect: the Pearson interval includes 0")
+    return (f"stage-1 effect, (b) - (a): Pearson {effect['pearson']:+.3f} (95% interval {p_lo:+.3f} to {p_hi:+.3f}), "
+            f"sign accuracy {100 * effect['sign_accuracy']:+.1f} points ({100 * a_lo:+.1f} to {100 * a_hi:+.1f}): "
+            f"{verdict}")
 
 
 def _summary(path: Path) -> dict:

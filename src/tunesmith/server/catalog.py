@@ -76,8 +76,10 @@ class Catalog:
             rows.append({"id": job["fine_tuned_model"], "object": "model",
                          "created": job["finished_at"] or job["created_at"], "owned_by": "user",
                          "kind": "fine-tune", "parent": job["model"], "job": job["id"]})
-        for name, _path, created in self.finished_runs():
-            rows.append({"id": name, "object": "model", "created": created, "owned_by": "user", "kind": "run"})
+        for name, path, created in self.finished_runs():
+            task = Run(path).config.get("task")  # classify/regress: answered by /v1/classifications
+            rows.append({"id": name, "object": "model", "created": created, "owned_by": "user", "kind": "run",
+                         **({"task": task} if task else {})})
         return rows
 
     def model_object(self, model_id: str) -> dict:

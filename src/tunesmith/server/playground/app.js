@@ -151,6 +151,81 @@ function selectedKind() {
   return m ? (m.kind || "base") : "base";
 }
 
+// classify or regress for a classifier/regressor run (answered by /v1/classifications), else null
+function selectedTask() {
+  const m = state.models.find((x) => x.id === $("#model").value);
+  return (m && m.task) || null;
+}
+
+// A classifier or regressor run labels text: the Write view shows the classify box instead of the prompt.
+function updateTaskView() {
+  const task = selectedTask();
+  $("#classify-card").classList.toggle("hidden", !task);
+  $("#prompt-card").classList.toggle("hidden", !!task);
+  $("#output-card").classList.toggle("hidden", !!task);
+  if (!task) return;
+  $("#classify-title").textContent = task === "regress" ? "Score" : "Classify";
+  $("#classify").textContent = task === "regress" ? "Score" : "Classify";
+  $("#classify-hint").textContent = task === "regress"
+    ? "This run is a regressor: it gives each text a score instead of writing. One text per line."
+    : "This run is a classifier: it labels text with probabilities instead of writing. One text per line.";
+}
+
+function classifyResult(text, item) {
+  const li = document.createElement("li");
+  li.className = "classify-item";
+  const quote = document.createElement("div");
+  quote.className = "classify-text";
+  quote.textContent = text;
+  li.appendChild(quote);
+  if (item.score !== undefined) {
+    const score = document.createElement("div");
+    score.className = "classify-score";
+    score.textContent = "score " + item.score.toFixed(3);
+    li.appendChild(score);
+    return li;
+  }
+  const probs = Object.entries(item.probabilities).sort((a, b) => b[1] - a[1]);
+  for (const [label, p] of probs) {
+    const row = document.createElement("div");
+    row.className = "prob-row" + (label === item.label ? " top" : "");
+    const name = document.createElement("span");
+    name.className = "prob-label";
+    name.textContent = label;
+    const meter = document.createElement("meter");
+    meter.min = 0; meter.max = 1; meter.value = p;
+    meter.setAttribute("aria-label", label);
+    const value = document.createElement("span");
+    value.className = "prob-value";
+    value.textContent = (100 * p).toFixed(1) + "%";
+    row.append(name, meter, value);
+    li.appendChild(row);
+  }
+  return li;
+}
+
+async function classify() {
+  const texts = $("#classify-input").value.split("\n").map((t) => t.trim()).filter((t) => t);
+  const list = $("#classify-results");
+  if (!texts.length) { $("#classify-stats").textContent = "write a text first"; return; }
+  $("#classify").disabled = true;
+  $("#classify-stats").textContent = "loading model…";
+  showBanner("");
+  const started = performance.now();
+  try {
+    const res = await api("/v1/classifications", { method: "POST", json: { model: $("#model").value, input: texts } });
+    list.textContent = "";
+    for (const item of res.data) list.appendChild(classifyResult(texts[item.index], item));
+    const secs = (performance.now() - started) / 1000;
+    $("#classify-stats").textContent = texts.length + (texts.length === 1 ? " text" : " texts") + " · " + secs.toFixed(2) + " s";
+  } catch (err) {
+    $("#classify-stats").textContent = "";
+    showBanner(err.message);
+  } finally {
+    $("#classify").disabled = false;
+  }
+}
+
 function copyingWanted() {
   const box = $("#check-copying");
   return box.checked && !box.disabled;
@@ -242,6 +317,7 @@ async function loadModels(select) {
   }
   if (current && state.models.some((m) => m.id === current)) modelSel.value = current;
   updateCopyingToggle();
+  updateTaskView();
   const n = state.models.length;
   $("#model-hint").textContent = n ? n + " model" + (n === 1 ? "" : "s") + " available" : "No models found.";
   const baseSel = $("#job-base");
@@ -692,6 +768,11 @@ async function init() {
   $("#model").addEventListener("change", () => {
     localStorage.setItem(MODEL_STORE, $("#model").value);
     updateCopyingToggle();
+    updateTaskView();
+  });
+  $("#classify").addEventListener("click", classify);
+  $("#classify-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) classify();
   });
   $("#api-key").value = localStorage.getItem(KEY_STORE) || "";
   $("#save-key").addEventListener("click", () => {
