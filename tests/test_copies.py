@@ -249,6 +249,54 @@ def test_copy_rate_and_novelty_of_texts_match_brute_force(word_tokenizer, corpus
         assert text[span.start : span.end] == span.text
 
 
+# The corpus is tokenized piece by piece (each distinct pre-token encoded once); the result
+# must be exactly the tokenizer's own encoding of every row, for any text.
+PIECE_ALPHABET = list("abcXYZ '’“”—-.,;:!?0123456789éàüßΩж²½Ⅻ\t\n\u00a0") + [
+    "<|im_start|>", "<|endoftext|>", "'s", "'ll", "'S", "漢字", "🙂", "ｆ", "\u200b", "\x1c", "\x85", "  ",
+]
+
+
+def _tokenizer_reference(tok, rows: list[str], joined: bool, sep: int) -> tuple[list[int], list[int]]:
+    from tunesmith.copies import _normalise
+
+    tokens, starts, first = [], [], True
+    for row in rows:
+        text = _normalise(row)
+        starts.append(len(tokens))
+        if not text:
+            continue
+        ids = tok.encode(text if (first or not joined) else " " + text, add_special_tokens=False).ids
+        first = False
+        tokens += ids if joined else ids + [sep]
+    return tokens + ([sep] if joined and tokens else []), starts
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.lists(st.sampled_from(PIECE_ALPHABET), max_size=30).map("".join), max_size=12),
+    joined=st.booleans(),
+)
+def test_corpus_tokens_are_the_tokenizers_own(word_tokenizer, rows, joined):
+    from tunesmith.copies import tokenize_corpus
+
+    tokens, starts = tokenize_corpus(rows, word_tokenizer, joined=joined, sep=65535)
+    expected, expected_starts = _tokenizer_reference(word_tokenizer, rows, joined, 65535)
+    assert tokens.tolist() == expected
+    assert starts.tolist() == expected_starts
+
+
+def test_a_book_is_tokenized_as_the_tokenizer_does(word_tokenizer, corpora):
+    from tunesmith.copies import _PieceTokenizer, tokenize_corpus
+
+    assert _PieceTokenizer.create(word_tokenizer, np.uint16) is not None  # the fast path is the one tested
+    rows = (corpora / "sherlock.txt").read_text(encoding="utf-8-sig").split("\n\n")
+    for joined in (True, False):
+        tokens, starts = tokenize_corpus(rows, word_tokenizer, joined=joined, sep=65535)
+        expected, expected_starts = _tokenizer_reference(word_tokenizer, rows, joined, 65535)
+        assert tokens.tolist() == expected
+        assert starts.tolist() == expected_starts
+
+
 # --- the stored index -----------------------------------------------------------------------
 
 

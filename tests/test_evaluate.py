@@ -147,6 +147,7 @@ def test_extraction_probe_counts_exact_continuations(tiny_run):
     ("no_data", "no data/train.jsonl"),
     ("empty_valid", "held-out set is empty"),
     ("small_valid", "2,500"),
+    ("other_script", "without spaces between words"),
 ])
 def test_bad_runs_fail_clearly_and_write_nothing(tiny_run, tmp_path, damage, message):
     run_dir = tmp_path / "run"
@@ -155,6 +156,9 @@ def test_bad_runs_fail_clearly_and_write_nothing(tiny_run, tmp_path, damage, mes
         shutil.rmtree(run_dir / "data")
     elif damage == "empty_valid":
         (run_dir / "data" / "valid.jsonl").write_text("")
+    elif damage == "other_script":
+        text = "東京の古い書店で、彼女は一冊の地図を見つけた。誰もその道を知らなかった。" * 200
+        (run_dir / "data" / "valid.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     else:
         (run_dir / "data" / "valid.jsonl").write_text(json.dumps({"text": prose(100, 2)}) + "\n")
     with pytest.raises(TunesmithError, match=message):
@@ -162,3 +166,38 @@ def test_bad_runs_fail_clearly_and_write_nothing(tiny_run, tmp_path, damage, mes
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--quick"])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert not list(run_dir.glob("eval.*"))
+
+
+@pytest.mark.real_model
+def test_eval_and_copies_on_the_real_model(corpora, real_base_dir, tmp_path):
+    """A short run of the real bundled model on the start of a real book: eval writes its figures,
+    a real language model's bits per byte, and the copy finder names the book's lines."""
+    from tunesmith.copies import find_copies
+
+    lines = (corpora / "sherlock.txt").read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    book = tmp_path / "sherlock-start.txt"
+    book.write_text("".join(lines[:1500]), encoding="utf-8")  # about 12,000 words
+    run = finetune(book, out=tmp_path / "run", progress=False, samples=False, base="smollm2-135m",
+                   block_size=128, batch_size=4, lr=2e-3, max_steps=3, valid_fraction=0.1)
+    result = evaluate_run(run.path, EvalSettings.make(True, words=500, probe_windows=4, sample_tokens=64,
+                                                      bootstrap=20))
+    assert {p.name for p in run.path.glob("eval.*")} == {"eval.json", "eval.md", "eval.png"}
+    for side in ("base", "finetuned"):
+        # a trained English model: about 1 bit per byte (a random one over 49,152 tokens: ~4)
+        assert 0.3 < result["fit"][side]["bits_per_byte"] < 2.0
+        assert result["words"][side] >= 500
+    # the author's unseen pages share no 32-token passage with the rest of the book
+    assert result["copying"]["heldout"]["novelty"]["32"] > 0.95
+    # a passage of the training text, checked against the run, is found at its line of the book
+    words = [(w, number) for number, line in enumerate(lines[:1500], start=1) for w in line.split()]
+    plain = [w for w, _ in words]
+    for row in (run.path / "data" / "train.jsonl").read_text().splitlines():
+        piece = json.loads(row)["text"].split()[5:25]
+        found = [k for k in range(len(plain) - len(piece)) if plain[k : k + len(piece)] == piece]
+        if len(piece) == 20 and len(found) == 1:
+            break
+    passage = " ".join(piece)
+    report = find_copies(run.path, f"Something new was written here today. {passage}")
+    assert report.longest is not None and report.longest.text == passage
+    assert report.longest.locations[0].file == "sherlock-start.txt"
+    assert report.longest.locations[0].line == words[found[0]][1]

@@ -18,6 +18,7 @@ from tunesmith.style import (
     punctuation_rates,
     sentence_lengths,
     style_distance,
+    unspaced_share,
     words,
 )
 
@@ -132,11 +133,11 @@ def test_style_scores_for_10k_words_within_a_second():
     train, heldout, base, tuned, draw = _texts(2)
     tuned = draw(np.arange(2000), 10_000)
     text = " ".join(tuned)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of all threads: a busy machine does not fail it
     style_distance(train, heldout, base, tuned)
     features(text)
     distinct_n([text], 2), distinct_n([text], 3)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 def test_fidelity_on_real_prose(corpora):
@@ -150,3 +151,11 @@ def test_fidelity_on_real_prose(corpora):
     assert 0.75 < index(holmes[70000:75000]) < 1.25
     assert -0.15 < index(bard[20000:25000]) < 0.15
     assert 0.15 < index(holmes[80000:82500] + bard[10000:12500]) < 0.65
+
+
+def test_scripts_without_word_spaces_are_recognised():
+    assert unspaced_share("東京の古い書店で、彼女は一冊の地図を見つけた。") == 1.0
+    assert unspaced_share("ภาษาไทยไม่เว้นวรรคระหว่างคำ") > 0.9
+    assert unspaced_share("Москва — столица России, and Paris is in France.") == 0.0
+    assert unspaced_share("He said 東京 twice.") == pytest.approx(2 / 13)  # 13 letters, 2 of them Chinese
+    assert unspaced_share("1984, 2001 ...") == 0.0

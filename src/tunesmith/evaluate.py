@@ -121,6 +121,12 @@ def read_data(run: Run) -> EvalData:
             file=data / "valid.jsonl", hint="train with --valid-fraction above 0, or --validation FILE",
         )
     heldout = "\n\n".join(_row_text(r) for r in valid)
+    if style.unspaced_share(heldout) > 0.3:
+        raise TunesmithError(
+            "the held-out text is written mostly without spaces between words (as Chinese, Japanese or Thai "
+            "are): the style figures count words, so they cannot be measured for it",
+            file=data / "valid.jsonl", hint="`tunesmith copies` still finds copied passages in such text",
+        )
     n_words = len(style.words(heldout))
     if n_words < style.FLOOR_WORDS:
         raise TunesmithError(

@@ -105,12 +105,13 @@ def list_models() -> list[dict]:
 
 def _source_stamp(gguf: Path) -> dict:
     """What the cached copy of ``gguf`` must match to be reused: the file, its size and mtime,
-    and the converter (ours and the transformers that dequantizes)."""
-    import transformers
+    and the converter (ours and the transformers that dequantizes). The version comes from the
+    package metadata: importing transformers to read it costs about a second."""
+    from importlib.metadata import version
 
     stat = gguf.stat()
     return {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "converter": CONVERTER_VERSION, "transformers": transformers.__version__}
+            "converter": CONVERTER_VERSION, "transformers": version("transformers")}
 
 
 def cache_is_current(target: Path, gguf: Path) -> bool:

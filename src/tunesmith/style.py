@@ -58,6 +58,22 @@ PUNCTUATION = {
 }
 
 
+# Scripts written without spaces between words (Thai, Lao, Tibetan, Myanmar, Khmer, Japanese
+# kana, Chinese characters): there a "word" of WORD_RE is a whole clause, and its frequency says
+# nothing about style.
+UNSPACED_RE = re.compile(
+    "[\u0e00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+)
+LETTER_RE = re.compile(r"[^\W\d_]")
+
+
+def unspaced_share(text: str) -> float:
+    """The share of the text's letters (of its first 200,000 characters) that belong to scripts
+    written without spaces between words."""
+    letters = LETTER_RE.findall(text[:200_000])
+    return sum(1 for c in letters if UNSPACED_RE.match(c)) / len(letters) if letters else 0.0
+
+
 def words(text: str) -> list[str]:
     """Lower-cased words: runs of letters, with inner apostrophes (``don't``) kept."""
     return [w.replace("’", "'") for w in WORD_RE.findall(text.lower())]
