@@ -173,3 +173,16 @@ def test_one_exchange_longer_than_a_block_keeps_the_answers_start_and_the_questi
     assert kept[1]["content"] and answer.startswith(kept[1]["content"]) and len(kept[1]["content"]) < len(answer)
     assert kept[0]["content"] and question.endswith(kept[0]["content"]) and len(kept[0]["content"]) < len(question)
     assert len(encode_chat(kept, tokenizer)[0]) <= 63
+
+
+def test_a_template_that_does_not_render_turn_after_turn_is_a_clear_error(real_base_dir, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(real_base_dir))
+    # newest message first: a conversation's rendering does not start with its beginning's
+    tokenizer.chat_template = "{% for m in messages|reverse %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    rows = [{"messages": CONVERSATION[1:3]}]
+    with pytest.raises(TunesmithError) as err:
+        prepare(write_jsonl(tmp_path / "c.jsonl", rows), tokenizer=tokenizer, estimate=False)
+    assert (err.value.line, err.value.field) == (1, "messages[1]") and "continuation" in err.value.message
+    assert not (tmp_path / "c.prepared").exists()

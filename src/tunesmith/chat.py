@@ -10,6 +10,8 @@ and ends with its end-of-turn token. Hugging Face's ``return_assistant_tokens_ma
 
 from __future__ import annotations
 
+from .errors import TunesmithError
+
 CHAT_LOSS = ("assistant", "all")
 
 
@@ -36,9 +38,10 @@ def chat_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, in
         before = render_chat(messages[:i], tokenizer, add_generation_prompt=True)
         through = render_chat(messages[: i + 1], tokenizer).rstrip()
         if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
-            raise ValueError(
+            raise TunesmithError(
                 f"the chat template does not render message {i} as a continuation of the messages before it, "
-                "so the assistant's tokens cannot be found"
+                "so the assistant's tokens cannot be found", field=f"messages[{i}]",
+                hint="use a base model whose chat template renders each turn after the last, or prompt/completion rows",
             )
         spans.append((len(before), len(through), message.get("weight", 1) != 0))
     return full, spans
@@ -54,7 +57,7 @@ def encode_chat(messages: list[dict], tokenizer, loss: str = "assistant") -> tup
     are those of tokenizing the rendered text in one go.
     """
     if loss not in CHAT_LOSS:
-        raise ValueError(f"chat loss must be one of {CHAT_LOSS}, not {loss!r}")
+        raise TunesmithError(f"must be one of {', '.join(CHAT_LOSS)}, not {loss!r}", field="chat_loss")
     full, spans = chat_spans(messages, tokenizer)
     ids: list[int] = []
     mask: list[bool] = []

@@ -876,8 +876,9 @@ def _chat_examples(
                 stats["truncated"] += 1
                 messages, n = _fit_chat(messages, tokenizer, counter)
             prompt = render_chat(messages[:-1], tokenizer, add_generation_prompt=True)
-        except TunesmithError:
-            raise
+        except TunesmithError as exc:
+            raise TunesmithError(exc.message, file=corpus.source, line=record["line"], field=exc.field or "messages",
+                                 hint=exc.hint) from None
         except Exception as exc:  # templates are Jinja code and raise their own errors
             raise TunesmithError(f"the chat template rejected this conversation: {exc}", **where) from None
         completion = messages[-1]["content"] + (tokenizer.eos_token or "")
