@@ -101,11 +101,19 @@ def test_prepare_on_a_full_disk_says_so_and_writes_nothing(small_disk, tmp_path)
 
 
 def test_prepare_with_a_writer_raising_enospc(tmp_path, monkeypatch, tiny_model_dir):
-    from tunesmith import atomic
+    import builtins
+    import importlib
+
+    prepare_module = importlib.import_module("tunesmith.prepare")  # the module; tunesmith.prepare is the function
+
+    def writes_fail(file, mode="r", *args, **kwargs):  # prepare's own writers; its reads go through
+        if any(c in mode for c in "wax+"):
+            _enospc()
+        return builtins.open(file, mode, *args, **kwargs)
 
     book = tmp_path / "book.txt"
     book.write_text(TEXT)
-    monkeypatch.setattr(atomic, "open", _enospc, raising=False)  # write_jsonl's writer
+    monkeypatch.setattr(prepare_module, "open", writes_fail, raising=False)
     out = tmp_path / "book.prepared"
     with pytest.raises(TunesmithError, match="the disk is full") as info:
         tunesmith.prepare(book, out=out, base="tiny-llama")
