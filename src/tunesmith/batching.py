@@ -191,9 +191,10 @@ def decode_step(net, tokens, positions, seqs: list[_Seq]):
 class Batcher:
     """The decoding loop of one loaded model, shared by every request for it."""
 
-    def __init__(self, model: Model, max_batch: int = MAX_BATCH):
-        self._model = weakref.ref(model)  # the loop holds the model only while it runs
+    def __init__(self, model: Model, max_batch: int = MAX_BATCH, linger: float = 30.0):
+        self._model = weakref.ref(model)  # the loop holds the model only while it runs (and lingers)
         self.max_batch = max_batch
+        self.linger = linger  # seconds the loop's thread waits for new work before it ends
         self._cond = threading.Condition()
         self._pending: list[Request] = []
         self._thread: threading.Thread | None = None
@@ -217,6 +218,7 @@ class Batcher:
         request = Request(ids, params, n, logprobs, stream, sink)
         with self._cond:
             self._pending.append(request)
+            self._cond.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, args=(model,), daemon=True,
                                                 name=f"tunesmith-batch-{model.name}")
@@ -277,8 +279,12 @@ class Batcher:
                 active = [s for s in active if not s.done and not s.request.cancelled]
                 self._pending = [r for r in self._pending if not r.cancelled]
                 if not active and not self._pending:
-                    self._thread = None
-                    return
+                    # Wait a while for the next request: a thread that lives on keeps its kernel
+                    # caches and thread pool, which a new thread would build again (seconds).
+                    self._cond.wait_for(lambda: self._pending, timeout=self.linger)
+                    if not self._pending:
+                        self._thread = None
+                        return
             for request in self._take_newcomers(self.max_batch - len(active)):
                 try:
                     active.extend(self._prefill(model, request))

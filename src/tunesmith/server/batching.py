@@ -34,6 +34,10 @@ class Batching:
                 found = self._batchers[model] = Batcher(model, self.max_batch)
             return found
 
+    def batchers(self) -> list[Batcher]:
+        with self._lock:
+            return list(self._batchers.values())
+
     async def events(self, model, prompt: str, sampling: dict, *, n: int = 1, logprobs: int | None = None,
                      stream: bool = False) -> AsyncIterator[Event]:
         """The events of ``n`` completions of ``prompt`` (``sampling``: SamplingConfig's fields) as
