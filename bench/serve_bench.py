@@ -113,8 +113,14 @@ def run(ctx: dict) -> dict:
     repeats = 1 if quick else max(3, ctx["repeats"])
     tokens = 48 if quick else 128
     model = ctx.get("model") or "smollm2-135m"
+    from tunesmith.home import models_dir
+
     port = _free_port()
-    env = {**os.environ, **ctx["env"], "PYTHONPATH": str(ROOT / "src")}
+    home = Path(ctx["work"]) / "serve-home"  # the server's own state (jobs DB), the machine's models
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(models_dir(), target_is_directory=True)
+    env = {**os.environ, **ctx["env"], "PYTHONPATH": str(ROOT / "src"), "TUNESMITH_HOME": str(home)}
     log = Path(ctx["work"]) / "serve_bench.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "tunesmith.server", "serve", "--port", str(port),

@@ -279,8 +279,7 @@ class Batcher:
                 active = [s for s in active if not s.done and not s.request.cancelled]
                 self._pending = [r for r in self._pending if not r.cancelled]
                 if not active and not self._pending:
-                    # Wait a while for the next request: a thread that lives on keeps its kernel
-                    # caches and thread pool, which a new thread would build again (seconds).
+                    # Wait a while for the next request rather than start a new thread for it.
                     self._cond.wait_for(lambda: self._pending, timeout=self.linger)
                     if not self._pending:
                         self._thread = None
