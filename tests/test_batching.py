@@ -82,7 +82,7 @@ def test_n_choices_use_seed_plus_index(tiny):
 
 
 def test_a_cancelled_stream_frees_its_row(tiny):
-    batcher = Batcher(tiny, max_batch=1)
+    batcher = Batcher(tiny, max_batch=1, linger=0.2)
     stream = batcher.stream("Cancel me", max_tokens=1800, temperature=1.0, seed=2)
     for _ in range(3):
         next(stream)
