@@ -352,16 +352,3 @@ def _copy_cache(cache):
     import copy
 
     return copy.deepcopy(cache)
-
-
-_batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_batchers_lock = threading.Lock()
-
-
-def batcher(model: Model, max_batch: int = MAX_BATCH) -> Batcher:
-    """The one ``Batcher`` of a loaded model (made on first use, gone with the model)."""
-    with _batchers_lock:
-        found = _batchers.get(model)
-        if found is None:
-            found = _batchers[model] = Batcher(model, max_batch)
-        return found
