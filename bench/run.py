@@ -41,7 +41,7 @@ PARTS = ("peaks", "train", "generate", "estimate", "load")
 #   run(ctx: dict) -> dict     ctx: quick, repeats, env (thread settings), work (a temp dir), model, say
 #   render(result: dict) -> str   its markdown section, with its targets marked met or unmet
 # They run after the parts above, in this order; `--only NAME` runs one of them alone.
-SECTIONS: tuple[str, ...] = ("prepare_bench", "ddp_bench", "classify_bench", "copies_bench")
+SECTIONS: tuple[str, ...] = ("prepare_bench", "ddp_bench", "classify_bench", "copies_bench", "serve_bench")
 
 # ----------------------------------------------------------------------------------------
 # Children: each prints one JSON line, prefixed so stray library output cannot be mistaken for it

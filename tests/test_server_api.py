@@ -6,14 +6,12 @@ import asyncio
 import json
 import re
 import threading
-import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from test_copies import sherlock  # noqa: F401 - the prepared book, a fixture
 
-from tunesmith.generate import Completion
 from tunesmith.server.app import ServerConfig, create_app
 from tunesmith.server.models_cache import ModelCache
 from tunesmith.server.store import FILE_ID_RE, JOB_ID_RE
@@ -177,41 +175,13 @@ def test_jobs_api_validates_queues_lists_and_cancels(client):
     assert _error(client.get("/v1/fine_tuning/jobs/ftjob-" + "a" * 24), 404)["code"] == "job_not_found"
 
 
-class SlowModel:
-    """Stands in for a loaded model: each generation holds its slot for a while."""
-
-    context_length = 2048
-    tokenizer = None
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.active = 0
-        self.peak = 0
-        self.lock = threading.Lock()
-
-    def count_tokens(self, text):
-        return len(text.split())
-
-    def generate(self, prompt, *, n=1, logprobs=None, **kw):
-        with self.lock:
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-        time.sleep(self.seconds)
-        with self.lock:
-            self.active -= 1
-        return [Completion(text=" ok", finish_reason="length", prompt_tokens=1, completion_tokens=1)] * n
-
-
 def test_over_capacity_requests_get_429(tunesmith_home):
-    model = SlowModel(0.6)
-    cache = ModelCache(loader=lambda source: model, sizer=lambda m: 1)
-    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, max_running=1, max_waiting=1,
-                                  model_cache=cache))
+    app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, max_running=1, max_waiting=1))
 
     async def main():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 1}
+            body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 8, "temperature": 0}
             return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(5)])
 
     responses = asyncio.run(main())
@@ -219,8 +189,8 @@ def test_over_capacity_requests_get_429(tunesmith_home):
     assert codes == [200, 200, 429, 429, 429], codes
     err = _error(next(r for r in responses if r.status_code == 429), 429)
     assert err["code"] == "rate_limit_exceeded" and "busy" in err["message"]
-    assert model.peak == 1  # never more than max_running at once
-    assert cache.loads == 1
+    assert [b.peak_batch for b in app.state.batching.batchers()] == [1]  # never more than max_running at once
+    assert app.state.cache.loads == 1
 
 
 def test_real_generation_with_tiny_llama(client):
@@ -395,17 +365,24 @@ class CopyingModel:
     def chat_prompt(self, messages):
         return messages[-1]["content"]
 
-    def generate(self, prompt, *, n=1, logprobs=None, **kw):
-        return [Completion(text=self.text, finish_reason="length", prompt_tokens=1,
-                           completion_tokens=len(self.text.split()))] * n
 
-    def stream(self, prompt, **kw):
-        from tunesmith.generate import Chunk
 
-        words = self.text.split(" ")
-        for i, word in enumerate(words):
-            last = i == len(words) - 1
-            yield Chunk(word if last else word + " ", "length" if last else None, len(words) if last else 0)
+class CopyingBatch:
+    """Stands in for the decoding loops: every choice writes the model's one text, word by word."""
+
+    async def events(self, model, prompt, sampling, *, n=1, logprobs=None, stream=False):
+        from tunesmith.batching import Event
+        from tunesmith.generate import Chunk, Completion
+
+        words = model.text.split(" ")
+        for index in range(n):
+            for i, word in enumerate(words):
+                last = i == len(words) - 1
+                if stream:
+                    yield Event("chunk", index, chunk=Chunk(word if last else word + " ", "length" if last else None,
+                                                             len(words) if last else 0))
+            yield Event("done", index, completion=Completion(text=model.text, finish_reason="length", prompt_tokens=1,
+                                                             completion_tokens=len(words)))
 
 
 def book_run(home, prepared, name: str = "sherlock-run"):
@@ -439,6 +416,7 @@ def copying_client(tunesmith_home, sherlock):  # noqa: F811 - the fixture import
     book_run(tunesmith_home, sherlock)
     cache = ModelCache(loader=lambda source: CopyingModel(text), sizer=lambda m: 1)
     app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, model_cache=cache))
+    app.state.generator.batching = CopyingBatch()
     with TestClient(app) as c:
         yield c, text, flat
 

@@ -6,7 +6,7 @@
 - errors.py: every error in OpenAI's shape;
 - routes/: openai (models, completions, chat), files, jobs, playground, one APIRouter each;
 - what the routes share, on ``app.state``: the store, the model catalog and cache, the copy indexes, the generator
-  with its admission queue, the worker supervisor.
+  with its admission queue, the decoding loop of each loaded model (batching.py), the worker supervisor.
 
 Nothing heavy is imported here: torch and transformers load on the first generation request (in a
 worker thread), so the server starts fast.
@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .admission import GenerationQueue
+from .batching import Batching
 from .catalog import Catalog
 from .config import ServerConfig
 from .errors import install_error_handlers
@@ -63,7 +64,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.cache = cache
     app.state.queue = queue
-    app.state.generator = Generator(cache, catalog, queue, executor)
+    app.state.batching = Batching(executor, config.max_batch)  # one decoding loop per loaded model
+    app.state.generator = Generator(cache, catalog, queue, executor, app.state.batching)
     app.state.copies = app.state.generator.copies  # the copy index of each run, opened once
     app.state.supervisor = supervisor
     install_error_handlers(app)

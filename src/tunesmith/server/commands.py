@@ -71,7 +71,7 @@ def serve_command(
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."
     ),
-    max_running: int = typer.Option(2, "--max-running", min=1, help="Generation requests computed at once."),
+    max_running: int = typer.Option(8, "--max-running", min=1, help="Generation requests computed at once (decoded together in one batch)."),
     max_waiting: int = typer.Option(8, "--max-waiting", min=0, help="Requests that may wait; more get 429."),
     model_cache: str = typer.Option(
         "4GiB", "--model-cache", envvar="TUNESMITH_MODEL_CACHE",

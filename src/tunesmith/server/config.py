@@ -14,12 +14,13 @@ MB = 1024 * 1024
 class ServerConfig:
     home: Path | None = None
     api_key: str | None = None
-    max_running: int = 2  # generation requests computing at once
+    max_running: int = 8  # generation requests computing at once (decoded together, batching.py)
     max_waiting: int = 8  # more requests may wait for a slot; beyond that: 429
     cache_bytes: int | None = None  # loaded-model budget (default $TUNESMITH_MODEL_CACHE or 4 GiB)
     max_upload_bytes: int = 50 * MB
     max_body_bytes: int = 1 * MB
     max_tokens_cap: int = 2048
+    max_batch: int = 16  # sequences one model decodes together (a request with n > 1 takes n)
     start_worker: bool = True  # run queued fine-tuning jobs in a worker process
     worker_idle_exit: float = 3.0
     supervise_interval: float = 1.0

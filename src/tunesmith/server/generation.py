@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
@@ -28,6 +27,7 @@ from starlette.responses import StreamingResponse
 from ..classify import is_classifier_run
 from ..errors import TunesmithError
 from .admission import GenerationQueue, Ticket
+from .batching import Batching
 from .catalog import Catalog
 from .copying import CopyIndexes, copying_field, training_run
 from .errors import APIError
@@ -127,14 +127,16 @@ class Generation:
 
 
 class Generator:
-    """Generation for the routes: admission, model loading and decoding in a thread pool."""
+    """Generation for the routes: admission, model loading in a thread pool, and decoding in the
+    loaded model's shared batch (batching.py)."""
 
     def __init__(self, cache: ModelCache, catalog: Catalog, queue: GenerationQueue, executor: ThreadPoolExecutor,
-                 copies: CopyIndexes | None = None):
+                 batching: Batching, copies: CopyIndexes | None = None):
         self.cache = cache
         self.catalog = catalog
         self.queue = queue
         self.executor = executor
+        self.batching = batching
         self.copies = copies if copies is not None else CopyIndexes()
 
     async def run(self, fn, *args, **kwargs):
@@ -175,7 +177,10 @@ class Generator:
                        index=None) -> dict:
         fmt = gen.format
         cid, created = new_id(fmt.id_prefix), int(time.time())
-        results = await self.run(model.generate, prompt, n=gen.n, logprobs=gen.logprobs or None, **kwargs)
+        results: list = [None] * gen.n
+        async with aclosing(self.batching.events(model, prompt, kwargs, n=gen.n, logprobs=gen.logprobs or None)) as ev:
+            async for event in ev:
+                results[event.index] = event.completion
         choices = [fmt.choice(gen, i, c, prompt, model) for i, c in enumerate(results)]
         if index is not None:
             for choice, c in zip(choices, results):
@@ -202,24 +207,24 @@ class Generator:
         completion_tokens = 0
         try:
             for index in range(gen.n):
-                kw = dict(kwargs)
-                if kw["seed"] is not None:
-                    kw["seed"] = kw["seed"] + index
                 for choice in fmt.opening(gen, index, prompt):
                     yield event([choice])
-                text = []
-                async with aclosing(self._stream_thread(model, prompt, kw)) as chunks:
-                    async for chunk in chunks:
-                        text.append(chunk.text)
-                        pieces = fmt.pieces(index, chunk)
-                        if chunk.finish_reason:
-                            completion_tokens += chunk.completion_tokens
-                            if copy_index is not None and pieces:
-                                pieces[-1]["tunesmith"] = await self.run(
-                                    copying_field, copy_index, "".join(text), gen.check_copying,
-                                    self._echoed(gen, prompt))
-                        for choice in pieces:
-                            yield event([choice])
+            text: list[list[str]] = [[] for _ in range(gen.n)]
+            async with aclosing(self.batching.events(model, prompt, kwargs, n=gen.n, stream=True)) as events:
+                async for ev in events:
+                    if ev.kind != "chunk":
+                        continue
+                    chunk, index = ev.chunk, ev.index
+                    text[index].append(chunk.text)
+                    pieces = fmt.pieces(index, chunk)
+                    if chunk.finish_reason:
+                        completion_tokens += chunk.completion_tokens
+                        if copy_index is not None and pieces:
+                            pieces[-1]["tunesmith"] = await self.run(
+                                copying_field, copy_index, "".join(text[index]), gen.check_copying,
+                                self._echoed(gen, prompt))
+                    for choice in pieces:
+                        yield event([choice])
             if gen.include_usage:
                 yield event([], _usage(prompt_tokens * gen.n, completion_tokens))
         except Exception as exc:
@@ -227,46 +232,6 @@ class Generator:
         finally:
             ticket.release()
         yield b"data: [DONE]\n\n"
-
-    async def _stream_thread(self, model, prompt: str, kwargs: dict) -> AsyncIterator[Any]:
-        """Run ``model.stream`` in the pool and yield its chunks as they are produced. Stops the
-        thread after its next token if the consumer goes away."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def put(item):
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the loop is gone
-                cancelled.set()
-
-        def work():
-            try:
-                for chunk in model.stream(prompt, **kwargs):
-                    if cancelled.is_set():
-                        break
-                    put(("chunk", chunk))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                put(("error", exc))
-            finally:
-                put(("end", None))
-
-        fut = loop.run_in_executor(self.executor, work)
-        try:
-            while True:
-                kind, item = await q.get()
-                if kind == "end":
-                    break
-                if kind == "error":
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-            try:
-                await asyncio.shield(fut)
-            except BaseException:
-                pass
 
 
 def fit_context(model, prompt_tokens: int, max_tokens: int, explicit: bool) -> int:

@@ -1,0 +1,354 @@
+"""Continuous batching: the completions of one loaded model share one decoding loop.
+
+A ``Batcher`` owns a thread that repeats: take newcomers (prefill each prompt once, sample its
+first token), then run one decoding step for every sequence in the batch at once, sample each
+row with that sequence's own settings and seeded generator, and hand each sequence its token.
+Sequences join and leave between steps: a finished, stopped or cancelled sequence frees its row
+at once. The thread exits when nothing is left to do and starts again with the next request.
+
+The same seed gives the same text whether a sequence runs alone or beside others, by
+construction: every sequence, alone or not, goes through this loop, and nothing a row computes
+depends on the other rows. The weight products run for the whole batch with oneDNN's bf16
+kernels, which give each row the same bits whatever the batch size (measured: PyTorch's own bf16
+kernels do too but cost ~4x per extra row, so they are not used here; fp32 products do not keep
+rows apart, see bench/NOTES.md); attention runs per row over that row's own cache, without
+padding; sampling runs per row. Text is therefore the same as alone for bf16 models; fp32 models
+batch too, and their rows may differ in the last bits from a run alone.
+
+The decoding step is written out for Llama-shaped decoders (Llama, Mistral, Qwen2, SmolLM);
+other architectures run each row as its own forward pass, in the same loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from .config import SamplingConfig
+from .errors import TunesmithError
+from .generate import Chunk, Completion, Model, _kernels, _sample, _Text
+
+MAX_BATCH = 16  # sequences decoded together; more wait for a row
+
+
+@dataclass
+class Event:
+    """What a sequence reports: a streamed ``chunk``, its ``done`` completion, or an ``error``."""
+
+    kind: str  # "chunk" | "done" | "error"
+    index: int  # the choice's index within its request
+    chunk: Chunk | None = None
+    completion: Completion | None = None
+    error: BaseException | None = None
+
+
+Sink = Callable[[Event], None]
+
+
+class Request:
+    """One submitted request: ``n`` sequences that share a prompt. ``cancel()`` frees their rows
+    before the next step; a cancelled sequence reports nothing more."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingConfig, n: int, logprobs: int | None,
+                 stream: bool, sink: Sink):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.n = n
+        self.logprobs = logprobs
+        self.stream = stream
+        self.sink = sink
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Seq:
+    """One completion being written: its cache, sampling state and text."""
+
+    def __init__(self, request: Request, index: int, model: Model, kv, prompt_len: int):
+        import torch
+
+        params = request.params
+        self.request = request
+        self.index = index
+        self.params = params
+        self.kv = kv  # (layers, 2, kv_heads, prompt_len + max_tokens, head_dim), or a DynamicCache
+        self.length = prompt_len  # positions held in kv
+        self.prompt_len = prompt_len
+        self.generator = torch.Generator(device=model.device)
+        seed = params.seed + index if params.seed is not None else time.time_ns() % 2**63
+        self.generator.manual_seed(seed)
+        self.seen = None  # prompt + sampled ids, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.empty((1, prompt_len + params.max_tokens), dtype=torch.long, device=model.device)
+            self.seen[0, :prompt_len] = torch.tensor(request.prompt_ids)
+        self.text = _Text(model.tokenizer, params.stop, model._stop_ids(params.stop))
+        self.model = model
+        self.steps = 0
+        self.token = 0  # the last sampled id, the next step's input
+        self.sent = 0
+        self.lps: list[float] = []
+        self.tops: list[dict] = []
+        self.first = 0.0
+        self.done = False
+
+    def take(self, logits) -> None:
+        """Sample this sequence's next token from its (1, vocab) float logits and report it."""
+        token, lp, top = _sample(logits, None if self.seen is None else self.seen[:, : self.prompt_len + self.steps],
+                                 self.params, self.generator, self.request.logprobs)
+        if self.steps == 0:
+            self.first = time.perf_counter() - self.request.submitted
+        tid = int(token[0])
+        self.token = tid
+        if self.seen is not None:
+            self.seen[0, self.prompt_len + self.steps] = tid
+        self.steps += 1
+        text = self.text
+        if text.add(tid):
+            self.lps.append(float(lp[0]))
+            if top is not None:
+                self.tops.append(top[0])
+        if text.finish or self.steps >= self.params.max_tokens:
+            self._finish()
+        elif self.request.stream:
+            safe = len(text.text) - text.held_back()
+            if safe > self.sent:
+                self.request.sink(Event("chunk", self.index, chunk=Chunk(text.text[self.sent:safe], None, len(text.ids))))
+                self.sent = safe
+
+    def _finish(self) -> None:
+        text = self.text
+        text.close()
+        self.done = True
+        self.kv = None
+        if self.request.stream:
+            self.request.sink(Event("chunk", self.index,
+                                    chunk=Chunk(text.text[self.sent:], text.finish, text.completion_tokens)))
+        kept = text.ids[: text.completion_tokens]
+        decode = self.model.tokenizer.decode
+        completion = Completion(
+            text=text.text, finish_reason=text.finish, prompt_tokens=self.prompt_len,
+            completion_tokens=text.completion_tokens, tokens=[decode([t]) for t in kept],
+            token_logprobs=self.lps[: len(kept)],
+            top_logprobs=self.tops[: len(kept)] if self.request.logprobs else None,
+            seconds=time.perf_counter() - self.request.submitted, first_token_seconds=self.first)
+        self.request.sink(Event("done", self.index, completion=completion))
+
+
+def _llama_shaped(net) -> bool:
+    inner = getattr(net, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or not layers or not hasattr(inner, "rotary_emb") or not hasattr(net, "lm_head"):
+        return False
+    attn = layers[0].self_attn
+    if any(hasattr(attn, name) for name in ("q_norm", "k_norm", "sinks")):
+        return False
+    if getattr(net.config, "sliding_window", None) and getattr(net.config, "use_sliding_window", True):
+        return False
+    return all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")) and all(
+        hasattr(layers[0], p) for p in ("input_layernorm", "post_attention_layernorm", "mlp"))
+
+
+def decode_step(net, tokens, positions, seqs: list[_Seq]):
+    """One decoding step of a Llama-shaped model for a batch: ``tokens`` and ``positions`` are
+    (B,) tensors; each row reads and extends its own cache ``seqs[i].kv`` at ``seqs[i].length``.
+    Returns the (B, vocab) logits in fp32. Weight products run for the batch; attention per row."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    inner = net.model
+    x = inner.embed_tokens(tokens[:, None])  # (B, 1, hidden)
+    cos, sin = inner.rotary_emb(x, positions[:, None])
+    b = x.shape[0]
+    for li, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, 1, -1, attn.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        outs = []
+        for i, seq in enumerate(seqs):
+            end = seq.length + 1
+            cache = seq.kv[li]
+            cache[0, :, seq.length] = k[i, :, 0]
+            cache[1, :, seq.length] = v[i, 0]
+            outs.append(F.scaled_dot_product_attention(q[i: i + 1], cache[0, None, :, :end], cache[1, None, :, :end],
+                                                       scale=attn.scaling, enable_gqa=True))
+        o = torch.cat(outs).transpose(1, 2).reshape(b, 1, -1)
+        x = x + attn.o_proj(o)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return net.lm_head(inner.norm(x))[:, -1].float()
+
+
+class Batcher:
+    """The decoding loop of one loaded model, shared by every request for it."""
+
+    def __init__(self, model: Model, max_batch: int = MAX_BATCH, linger: float = 30.0):
+        self._model = weakref.ref(model)  # the loop holds the model only while it runs (and lingers)
+        self.max_batch = max_batch
+        self.linger = linger  # seconds the loop's thread waits for new work before it ends
+        self._cond = threading.Condition()
+        self._pending: list[Request] = []
+        self._thread: threading.Thread | None = None
+        self.llama_shaped = _llama_shaped(model.model)
+        self.peak_batch = 0  # the most sequences one step has decoded (for tests and the bench)
+
+    # -- submitting -----------------------------------------------------------------------
+    def submit(self, prompt: str, params: SamplingConfig, sink: Sink, *, n: int = 1, logprobs: int | None = None,
+               stream: bool = False) -> Request:
+        """Queue ``n`` completions of ``prompt``; ``sink`` receives their events from the loop's
+        thread (choice ``i`` samples with seed ``params.seed + i``)."""
+        model = self._model()
+        if not 1 <= n <= self.max_batch:
+            raise TunesmithError(f"must be between 1 and {self.max_batch}", field="n")
+        params.check()
+        ids = model._encode(prompt)[0].tolist()
+        if len(ids) + params.max_tokens > model.context_length:
+            raise TunesmithError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {model.context_length} tokens", field="max_tokens")
+        request = Request(ids, params, n, logprobs, stream, sink)
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, args=(model,), daemon=True,
+                                                name=f"tunesmith-batch-{model.name}")
+                self._thread.start()
+        return request
+
+    def generate(self, prompt: str, *, n: int = 1, logprobs: int | None = None, **sampling) -> list[Completion]:
+        """``Model.generate`` through the shared loop: ``n`` completions, choice ``i`` with seed ``seed + i``."""
+        done: list[Completion | None] = [None] * n
+        with closing(self._events(prompt, n=n, logprobs=logprobs, stream=False, **sampling)) as events:
+            for event in events:
+                done[event.index] = event.completion
+                if all(done):
+                    break
+        return done  # type: ignore[return-value]
+
+    def stream(self, prompt: str, **sampling) -> Iterator[Chunk]:
+        """``Model.stream`` through the shared loop: the chunks of one completion as they are written."""
+        with closing(self._events(prompt, n=1, logprobs=None, stream=True, **sampling)) as events:
+            for event in events:
+                if event.kind == "chunk":
+                    yield event.chunk
+                elif event.kind == "done":
+                    return
+
+    def _events(self, prompt: str, *, n: int, logprobs: int | None, stream: bool, **sampling) -> Iterator[Event]:
+        import queue
+
+        stop = sampling.pop("stop", None)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        params = SamplingConfig(**sampling, stop=stop)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        request = self.submit(prompt, params, q.put, n=n, logprobs=logprobs, stream=stream)
+        try:
+            while True:
+                event = q.get()
+                if event.kind == "error":
+                    raise event.error
+                yield event
+        finally:
+            request.cancel()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _take_newcomers(self, free: int) -> list[Request]:
+        with self._cond:
+            self._pending = [r for r in self._pending if not r.cancelled]
+            taken = []
+            while self._pending and self._pending[0].n <= free:
+                request = self._pending.pop(0)
+                taken.append(request)
+                free -= request.n
+            return taken
+
+    def _loop(self, model: Model) -> None:
+        active: list[_Seq] = []
+        while True:
+            with self._cond:
+                active = [s for s in active if not s.done and not s.request.cancelled]
+                self._pending = [r for r in self._pending if not r.cancelled]
+                if not active and not self._pending:
+                    # Wait a while for the next request rather than start a new thread for it.
+                    self._cond.wait_for(lambda: self._pending, timeout=self.linger)
+                    if not self._pending:
+                        self._thread = None
+                        return
+            for request in self._take_newcomers(self.max_batch - len(active)):
+                try:
+                    active.extend(self._prefill(model, request))
+                except Exception as exc:  # noqa: BLE001 - reported to the request
+                    request.sink(Event("error", 0, error=exc))
+            running = [s for s in active if not s.done and not s.request.cancelled]
+            if not running:
+                active = running
+                continue
+            self.peak_batch = max(self.peak_batch, len(running))
+            try:
+                self._step(model, running)
+            except Exception as exc:  # noqa: BLE001 - reported to every request in the step
+                for seq in running:
+                    seq.done = True
+                    seq.request.sink(Event("error", seq.index, error=exc))
+            active = running
+
+    def _prefill(self, model: Model, request: Request) -> list[_Seq]:
+        """Run the prompt once, give each of the request's sequences a copy of its cache and its first token."""
+        import torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([request.prompt_ids], device=model.device)
+        length = ids.shape[1]
+        cache = DynamicCache()
+        with torch.inference_mode(), _kernels(small=False):
+            logits = model._forward(ids, cache, logits_to_keep=1).logits[:, -1, :].float()
+        seqs = []
+        for index in range(request.n):
+            if self.llama_shaped:
+                first = cache.layers[0].keys
+                kv = torch.empty((len(cache.layers), 2, first.shape[1], length + request.params.max_tokens,
+                                  first.shape[3]), dtype=first.dtype, device=first.device)
+                for li, layer in enumerate(cache.layers):
+                    kv[li, 0, :, :length] = layer.keys[0]
+                    kv[li, 1, :, :length] = layer.values[0]
+            else:
+                kv = cache if index == request.n - 1 else _copy_cache(cache)
+            seq = _Seq(request, index, model, kv, length)
+            with torch.inference_mode():
+                seq.take(logits)
+            seqs.append(seq)
+        return seqs
+
+    def _step(self, model: Model, seqs: list[_Seq]) -> None:
+        import torch
+
+        with torch.inference_mode():
+            with _kernels(small=False):
+                if self.llama_shaped:
+                    tokens = torch.tensor([s.token for s in seqs], device=model.device)
+                    positions = torch.tensor([s.length for s in seqs], device=model.device)
+                    logits = decode_step(model.model, tokens, positions, seqs)
+                else:
+                    rows = [model._forward(torch.tensor([[s.token]], device=model.device), s.kv).logits[:, -1, :]
+                            for s in seqs]
+                    logits = torch.cat(rows).float()
+            for i, seq in enumerate(seqs):
+                seq.length += 1
+                if not seq.request.cancelled:
+                    seq.take(logits[i: i + 1])
+
+
+def _copy_cache(cache):
+    import copy
+
+    return copy.deepcopy(cache)
