@@ -59,6 +59,27 @@ def test_decoder_rows_share_one_prefill(tiny_model_dir):
     torch.testing.assert_close(both[1], ref9[0], rtol=1e-4, atol=1e-4)
 
 
+def test_step_with_a_position_per_row_matches_separate_sequences(tiny_model_dir):
+    """Two sequences at different positions in one step (as a batch that sequences join at
+    different times) give each the logits it gets alone."""
+    m = load("tiny-llama", dtype="float32")
+    dec = m.decoder
+    first, second = m._encode(PROMPT), m._encode("Call me Ishmael.")
+    with torch.inference_mode():
+        alone = []
+        both = dec.new_cache(2, 64)
+        for row, (ids, token) in enumerate(((first, 7), (second, 9))):
+            cache = dec.new_cache(1, 64)
+            dec.forward(ids, cache)
+            both.k[:, row], both.v[:, row] = cache.k[:, 0], cache.v[:, 0]
+            alone.append(dec.forward(torch.tensor([[token]]), cache)[0])
+        pos = torch.tensor([first.shape[1], second.shape[1]])
+        got = dec.step_static(torch.tensor([7, 9]), pos, both.k, both.v)
+    assert first.shape[1] != second.shape[1]
+    torch.testing.assert_close(got[0], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], alone[1], rtol=1e-4, atol=1e-4)
+
+
 def test_generate_text_is_the_same_on_both_forward_passes(tiny_model_dir, monkeypatch):
     fused = load("tiny-llama", dtype="float32")
     greedy = fused.generate(PROMPT, max_tokens=24, temperature=0)[0]

@@ -243,16 +243,19 @@ class Decoder:
         cache.filled = end
         return self.head(self._norm(x[:, -1:], self.norm))[:, -1].float()
 
-    # -- the compiled one-token step -------------------------------------------------------
+    # -- the one-token step with a position per row (compiled by Model.warm) -------------------
     def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One token per row at position ``pos`` (a 0-d long tensor) over the whole cache
-        buffers ``k``/``v`` (positions after ``pos`` masked): shapes do not depend on the
-        position, so a compiled graph serves every step."""
+        """One token per row, row ``r`` at position ``pos[r]`` (a (rows,) long tensor), over the
+        whole cache buffers ``k``/``v`` (``KVCache.k``/``.v``; each row sees its positions up to
+        its own). Shapes do not depend on the positions, so one compiled graph serves every step,
+        and rows may be at different positions (sequences that joined a batch at different times).
+        Returns float logits (rows, vocab); the caller advances ``pos``."""
         rows = tokens.shape[0]
         length = k.shape[3]
-        index = pos.reshape(1)
-        cos, sin = self.cos.index_select(0, index)[None, None], self.sin.index_select(0, index)[None, None]
-        mask = (torch.arange(length, device=tokens.device) <= pos)[None, None, None]
+        row_ids = torch.arange(rows, device=tokens.device)
+        cos = self.cos.index_select(0, pos)[:, None, None, :]
+        sin = self.sin.index_select(0, pos)[:, None, None, :]
+        mask = (torch.arange(length, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
         x = F.embedding(tokens[:, None], self.embed)
         q_size, kv_size = self.q_size, self.kv_size
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
@@ -261,10 +264,10 @@ class Decoder:
             kk = h[..., q_size : q_size + kv_size].view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             vv = h[..., q_size + kv_size :].view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             q, kk = self._rotate(q, cos, sin), self._rotate(kk, cos, sin)
-            k[i, :rows].index_copy_(2, index, kk)
-            v[i, :rows].index_copy_(2, index, vv)
-            attn = F.scaled_dot_product_attention(q, k[i, :rows], v[i, :rows], attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=True)
+            keys, values = k[i, :rows], v[i, :rows]
+            keys[row_ids, :, pos] = kk[:, :, 0]
+            values[row_ids, :, pos] = vv[:, :, 0]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
             x = x + o(attn.transpose(1, 2).reshape(rows, 1, q_size))
             g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
             x = x + down(F.silu(g) * u)

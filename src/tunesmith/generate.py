@@ -122,7 +122,7 @@ class Model:
         try:
             with torch.inference_mode():
                 cache = dec.new_cache(rows, length)
-                pos = torch.zeros((), dtype=torch.long, device=self.device)
+                pos = torch.zeros(rows, dtype=torch.long, device=self.device)
                 token = torch.zeros(rows, dtype=torch.long, device=self.device)
                 with self._kernels(small=self._cpu_bf16):
                     step(token, pos, cache.k, cache.v)
@@ -221,7 +221,7 @@ class Model:
 
         if compiled is None:
             return prefill, lambda token: dec.forward(token[:, None], cache)
-        pos = torch.zeros((), dtype=torch.long, device=self.device)
+        pos = torch.zeros(n, dtype=torch.long, device=self.device)
 
         def prefill_then_position():
             logits = prefill()
@@ -537,6 +537,16 @@ _kernels = _KernelSwitch()
 
 
 QUANT_CHOICES = ("none", "int8")
+# `generate --compile auto` compiles the decoding step only when a call writes at least this many
+# tokens (n x max_tokens): the compile takes minutes on 2 cores and the compiled step was not
+# faster than the eager fused one where it was measured (bench/NOTES.md), so only very long
+# runs risk it.
+COMPILE_MIN_DECODE_TOKENS = 20000
+
+
+def should_compile(mode: str, tokens: int) -> bool:
+    """``--compile`` auto|on|off for a call that writes ``tokens`` tokens in all."""
+    return mode == "on" or (mode == "auto" and tokens >= COMPILE_MIN_DECODE_TOKENS)
 
 
 def check_quant(quant: str | None) -> str:
