@@ -212,6 +212,11 @@ CHILDREN = {"tunesmith": child_tunesmith, "llama": child_llama, "hf": child_hf, 
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM): unlike getrusage's ru_maxrss, it does not carry the
+    parent's peak across fork and exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

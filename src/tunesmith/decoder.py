@@ -41,6 +41,12 @@ class Int8Linear(torch.nn.Module):
         flat = x.reshape(-1, shape[-1]).to(self.scale.dtype)
         return torch._weight_int8pack_mm(flat, self.qweight, self.scale).reshape(*shape[:-1], self.out_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (q * scale), for code that reads a layer's matrix (the
+        chunked loss of perplexity evaluation); the forward pass never builds it."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
