@@ -79,7 +79,7 @@ def child_tunesmith(spec: dict) -> dict:
     t = time.perf_counter()
     model = tunesmith.load(spec["model"], quant=spec["quant"])
     out = {"load_seconds": time.perf_counter() - t, "dtype": str(model.model.dtype).replace("torch.", ""),
-           "fused_decoder": model.decoder is not None}
+           "fused_decoder": model.decoder is not None, "prompt_tokens": model.count_tokens(PROMPT)}
     if spec.get("compile"):
         prompt_tokens = model.count_tokens(PROMPT)
         out["compile_seconds"] = model.warm(rows=1, positions=prompt_tokens + spec["tokens"])
@@ -350,8 +350,9 @@ def render(result: dict) -> str:
     s = summarise(result)
     labels = result["labels"]
     n = result["repeats"]
+    prompt = next((r["prompt_tokens"] for runs in result["rows"].values() for r in runs if "prompt_tokens" in r), None)
     lines = ["## Decoding, batch 1" + (" (--quick: the numbers mean nothing)" if result["quick"] else ""), "",
-             f"{result['tokens']} new tokens after a {len(PROMPT.split())}-word prompt (~40 tokens), batch 1, "
+             f"{result['tokens']} new tokens after a {prompt or '~40'}-token prompt, batch 1, "
              f"{result['threads']} threads in every process; sampled = temperature {TEMPERATURE} only. Each row is a "
              f"fresh process per repeat, {n} interleaved repeat{'s' if n > 1 else ''}, median (min-max). "
              "llama.cpp through llama-cpp-python with its CPU weight repacking off (it crashes on this AMX CPU); "
