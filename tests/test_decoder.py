@@ -167,3 +167,13 @@ def test_int8_real_model_keeps_perplexity_and_greedy_text(real_base_dir):
     b = int8.generate(prompt, max_tokens=32, temperature=0)[0]
     assert a.completion_tokens == 32 or a.finish_reason == "stop"
     assert b.text == a.text
+
+
+def test_server_model_cache_loads_with_the_servers_quant(tiny_model_dir):
+    from tunesmith.server.models_cache import ModelCache
+
+    cache = ModelCache(4 * 2**30, quant="int8")
+    model = cache.get("tiny-llama")
+    assert model.quant == "int8"
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.model.modules())
+    assert ModelCache(4 * 2**30).get("tiny-llama").quant == "none"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
 class Int8Linear(torch.nn.Module):
     """``y = x @ (q * scale).T`` with int8 ``q`` (out, in) and one scale per output row."""
 

@@ -124,12 +124,13 @@ class Model:
                 cache = dec.new_cache(rows, length)
                 pos = torch.zeros(rows, dtype=torch.long, device=self.device)
                 token = torch.zeros(rows, dtype=torch.long, device=self.device)
-                with self._kernels(small=self._cpu_bf16):
-                    step(token, pos, cache.k, cache.v)
+                # compiled outside the kernel switch: a compile of minutes must not hold up prefills
+                step(token, pos, cache.k, cache.v)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: keep the eager step
             import warnings
 
-            warnings.warn(f"the compiled decoding step failed ({type(exc).__name__}: {exc}); decoding stays eager")
+            warnings.warn(f"the compiled decoding step failed ({type(exc).__name__}: {exc}); decoding stays eager",
+                          stacklevel=2)
             return None
         self._steps[key] = step
         self.compile_seconds = time.perf_counter() - start
