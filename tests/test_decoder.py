@@ -177,3 +177,20 @@ def test_server_model_cache_loads_with_the_servers_quant(tiny_model_dir):
     assert model.quant == "int8"
     assert not any(isinstance(m, torch.nn.Linear) for m in model.model.modules())
     assert ModelCache(4 * 2**30).get("tiny-llama").quant == "none"
+
+
+def test_a_model_in_training_keeps_transformers_forward(tiny_model_dir):
+    """Training's samples wrap the model being trained (LoRA not merged, weights that change):
+    the fused decoder, which copies weights into fused matrices, must not take it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.generate import Model
+    from tunesmith.models import load_tokenizer, resolve
+
+    net = AutoModelForCausalLM.from_pretrained(str(resolve("tiny-llama")))
+    tok = load_tokenizer("tiny-llama")
+    assert Model(net, tok, name="full").decoder is None  # trainable weights
+    lora = get_peft_model(net, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert Model(lora, tok, name="lora").decoder is None
+    assert not supports(lora.get_base_model())  # LoRA layers in place of nn.Linear

@@ -86,18 +86,28 @@ def is_quantized(model) -> bool:
 
 
 def supports(model) -> bool:
-    """True for the llama layout this decoder implements (SmolLM2, Llama, and their fine-tunes)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = inner.config
+    """True for a frozen model of the llama layout this decoder implements (SmolLM2, Llama, and
+    their merged fine-tunes). A model being trained (any parameter that requires grad, or LoRA
+    layers not merged, as in training's samples) is not: its weights change under it."""
+    if hasattr(model, "get_base_model") or any(p.requires_grad for p in model.parameters()):
+        return False
+    cfg = model.config
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    return (
+    if not (
         getattr(cfg, "model_type", None) == "llama"
         and not getattr(cfg, "attention_bias", False)
         and not getattr(cfg, "mlp_bias", False)
         and getattr(cfg, "hidden_act", "silu") == "silu"
         and rope.get("rope_type", "default") == "default"
         and getattr(cfg, "pretraining_tp", 1) == 1
-    )
+    ):
+        return False
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for layer in model.model.layers:
+        mods = [getattr(layer.self_attn, n, None) for n in names[:4]] + [getattr(layer.mlp, n, None) for n in names[4:]]
+        if not all(type(m) in (torch.nn.Linear, Int8Linear) for m in mods):
+            return False
+    return type(model.get_output_embeddings()) in (torch.nn.Linear, Int8Linear)
 
 
 @dataclass

@@ -559,8 +559,10 @@ def check_quant(quant: str | None) -> str:
 
 
 def quantize(net, quant: str | None):
-    """Apply ``quant`` to a loaded model in place (int8: every linear layer of the decoder and the
-    output head hold int8 weights with one scale per row; for generation, not training)."""
+    """Ready a loaded model for generation, in place: weights frozen (which lets llama-family
+    models decode on the fused decoder), and ``quant`` applied (int8: every linear layer of the
+    decoder and the output head hold int8 weights with one scale per row; not for training)."""
+    net.requires_grad_(False)
     if check_quant(quant) == "int8" and not _decoding().is_quantized(net):
         _decoding().quantize_int8(net)
     return net
