@@ -41,7 +41,11 @@ PARTS = ("peaks", "train", "generate", "estimate", "load")
 #   run(ctx: dict) -> dict     ctx: quick, repeats, env (thread settings), work (a temp dir), model, say
 #   render(result: dict) -> str   its markdown section, with its targets marked met or unmet
 # They run after the parts above, in this order; `--only NAME` runs one of them alone.
-SECTIONS: tuple[str, ...] = ("prepare_bench", "ddp_bench", "classify_bench", "copies_bench", "serve_bench")
+SECTIONS: tuple[str, ...] = ("decode_bench", "serve_bench", "copies_bench", "classify_bench", "prepare_bench",
+                             "ddp_bench")
+# Batch-1 decoding is measured by the decode_bench section (fresh processes, llama.cpp included);
+# the older in-process "generate" part runs only when asked for (`--only generate`).
+DEFAULT_OFF = ("generate",)
 
 # ----------------------------------------------------------------------------------------
 # Children: each prints one JSON line, prefixed so stray library output cannot be mistaken for it
@@ -548,7 +552,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats, args.valid_blocks = 2, 1, 1, 2
         args.gen_tokens, args.estimate_tokens, args.estimate_epochs = 16, 5000, [1, 2]
-    parts = set(args.only or PARTS + SECTIONS)
+    parts = set(args.only or [p for p in PARTS + SECTIONS if p not in DEFAULT_OFF])
     if args.device != "cpu":
         parts -= {"load", "estimate"}  # the GGUF is not carried to the GPU machine
     began = time.perf_counter()

@@ -245,3 +245,15 @@ def test_counts_agree_with_their_nouns(tmp_path, tiny_model_dir):
     assert "1 examples" not in result.output
     tokens = invoke("tokenize", "a").output
     assert "1 token for 1 character " in tokens
+
+
+def test_generate_quant_and_compile_are_checked_before_the_model_loads():
+    user_error(invoke("generate", "no-such-model", "hi", "--quant", "int4"), "int4", "int8")
+    user_error(invoke("generate", "no-such-model", "hi", "--compile", "maybe"), "--compile")
+
+
+def test_generate_with_int8_weights_writes_a_continuation(tiny_model_dir):
+    """`--quant int8` loads, generates and prints (the text itself is checked on the real model in test_decoder)."""
+    int8 = invoke("generate", "tiny-llama", "The sea", "--max-tokens", "6", "--temperature", "0", "--quant", "int8")
+    assert int8.exit_code == 0, int8.output
+    assert int8.output.startswith("The sea") and len(int8.output.strip()) > len("The sea")

@@ -452,18 +452,33 @@ def generate(
         False, "--check-copying",
         help="mark spans copied from the run's training text (each sample is printed when done, not streamed)",
     ),
+    quant: str = typer.Option("none", "--quant", help="weights while generating: none (the model's dtype) or int8"),
+    compile: str = typer.Option(
+        "auto", "--compile",
+        help="compile the decoding step: auto (when n x max-tokens is long enough to pay for the compile), on, off",
+    ),
 ) -> None:
     """Write a continuation of PROMPT, streamed as it is written."""
-    from .generate import load
+    from .generate import check_quant, load, should_compile
 
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     repetition_penalty=repetition_penalty, stop=stop, seed=seed)
     if n < 1:
         raise TunesmithError("must be at least 1", field="n")
     SamplingConfig(**sampling).check()  # bad settings fail before the model loads
+    check_quant(quant)
+    if compile not in ("auto", "on", "off"):
+        raise TunesmithError("must be auto, on or off", field="--compile")
     copy_index = _copy_index(model) if check_copying else None
-    loaded = load(model)
+    loaded = load(model, quant=quant)
     text = loaded.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+    if should_compile(compile, n * max_tokens) and loaded.decoder is not None:
+        positions = loaded.count_tokens(text) + max_tokens
+        err.print(f"compiling the decoding step ({n} x {max_tokens} tokens; --compile off skips it) ...",
+                  style="dim", highlight=False)
+        seconds = loaded.warm(rows=1, positions=positions)
+        if seconds is not None:
+            err.print(f"compiled in {seconds:.0f} s", style="dim", highlight=False)
     for i in range(n):
         if n > 1:
             out.print(f"\n[bold]--- {i + 1} ---[/]")
@@ -613,11 +628,14 @@ def eval_command(
     words: Optional[int] = typer.Option(None, help="words of samples per model (default 5,000; 2,500 with --quick)"),
     probe: Optional[int] = typer.Option(None, help="extraction-probe windows (default 64; 16 with --quick)"),
     min_tokens: int = typer.Option(12, help="the shortest span that counts as copied, in tokens"),
+    quant: str = typer.Option("none", "--quant", help="weights of both models: none (their dtype) or int8"),
 ) -> None:
     """Does it copy the book, and does it sound like the author? Base vs fine-tuned vs held-out text."""
     from .evaluate import EvalSettings, evaluate_run, rich_table
+    from .generate import check_quant
 
-    settings = EvalSettings.make(quick, seed=seed, words=words, probe_windows=probe, min_tokens=min_tokens)
+    settings = EvalSettings.make(quick, seed=seed, words=words, probe_windows=probe, min_tokens=min_tokens,
+                                 quant=check_quant(quant))
     result = evaluate_run(run, settings, quick=quick, say=lambda s: err.print(s, style="dim", highlight=False, markup=False))
     out.print(rich_table(result))
     for warning in result["warnings"]:

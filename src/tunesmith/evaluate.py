@@ -56,6 +56,7 @@ class EvalSettings:
     min_tokens: int = 12  # shortest copied span counted, in tokens
     bootstrap: int = 200
     seed: int = 0
+    quant: str = "none"  # weights of both models while evaluating: none or int8 (generate.load)
 
     @classmethod
     def make(cls, quick: bool = False, **overrides) -> EvalSettings:
@@ -318,7 +319,7 @@ def evaluate_run(
     sides: dict[str, dict] = {}
     for side, source in (("base", cfg.base), ("finetuned", run.path)):
         say(f"{'base model ' + cfg.base if side == 'base' else 'fine-tuned model'}: loading")
-        model = load(source)
+        model = load(source, quant=settings.quant)
         prompts = prompts_from(data.valid_rows, model.tokenizer)
         if not prompts:
             raise TunesmithError("no held-out passage gives a prompt of at most 512 tokens",

@@ -3,6 +3,8 @@
 The decoding loop is our own rather than ``model.generate()``: it keeps one KV cache,
 runs each step under ``torch.inference_mode`` in bf16 where the CPU supports it, and
 streams text with stop sequences handled exactly, which ``generate()``'s streamer does not.
+Llama-family models run on ``decoder.Decoder`` (fused weights, a preallocated cache, and a
+compiled one-token step once ``Model.warm()`` has built it); others on transformers' forward.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .config import SamplingConfig, spec
 from .errors import TunesmithError
+
+if TYPE_CHECKING:
+    from .decoder import Decoder
 
 MAX_TOKENS_LIMIT = spec(SamplingConfig, "max_tokens")["max"]
 
@@ -43,6 +48,13 @@ class Chunk:
 SamplingParams = SamplingConfig  # the earlier name
 
 
+def _decoding():
+    """The decoder module (imports torch, so it is loaded on first use)."""
+    from . import decoder
+
+    return decoder
+
+
 class Model:
     """A causal LM ready for generation: weights in eval mode, tokenizer, device."""
 
@@ -63,9 +75,66 @@ class Model:
         self._cache_kwarg: str | None = None
         # bf16 weights on a CPU: decoding steps use PyTorch's own bf16 kernels (see _KernelSwitch).
         self._cpu_bf16 = self.device.type == "cpu" and model.dtype == torch.bfloat16
+        self.quant = "int8" if _decoding().is_quantized(model) else "none"
+        self._decoder: Decoder | None = None
+        self._decoder_lock = threading.Lock()
+        self._steps: dict[tuple[int, int], object] = {}  # (rows, cache length) -> compiled step
+        self._compiled = None  # the compiled step function, once warm() made it
+        self.compile_seconds: float | None = None  # what warm() took (None: not compiled)
 
     def __repr__(self) -> str:
-        return f"Model({self.name!r}, device={self.device}, dtype={self.model.dtype})"
+        quant = ", quant=int8" if self.quant == "int8" else ""
+        return f"Model({self.name!r}, device={self.device}, dtype={self.model.dtype}{quant})"
+
+    # -- the decoding step ----------------------------------------------------------------
+    @property
+    def decoder(self) -> Decoder | None:
+        """The fused forward pass (built on first use), or None where the architecture is not
+        one it implements (then transformers' forward is used)."""
+        if self._decoder is None and _decoding().supports(self.model):
+            with self._decoder_lock:
+                if self._decoder is None:
+                    self._decoder = _decoding().Decoder(self.model)
+        return self._decoder
+
+    def warm(self, rows: int = 1, positions: int = 256) -> float | None:
+        """Compile the one-token decoding step (``torch.compile``, inductor's C++ code on a CPU)
+        for ``rows`` sequences and a cache of ``positions`` (prompt + new tokens, rounded up to a
+        multiple of 256), and run it once; later generations with the same rows and cache size
+        use it. Returns the seconds it took (None where there is no decoder). Compiled code is
+        kept in inductor's on-disk cache, so a later process builds it much faster. Safe to call
+        from a background thread while generating: generations use the eager step until the
+        compiled one is ready. A failure to compile leaves the eager step in place."""
+        import torch
+
+        dec = self.decoder
+        if dec is None:
+            return None
+        length = _decoding().cache_length(positions, self.context_length)
+        key = (rows, length)
+        if key in self._steps:
+            return 0.0
+        start = time.perf_counter()
+        with self._decoder_lock:
+            if self._compiled is None:
+                self._compiled = torch.compile(dec.step_static, dynamic=False, fullgraph=True)
+            step = self._compiled
+        try:
+            with torch.inference_mode():
+                cache = dec.new_cache(rows, length)
+                pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+                token = torch.zeros(rows, dtype=torch.long, device=self.device)
+                # compiled outside the kernel switch: a compile of minutes must not hold up prefills
+                step(token, pos, cache.k, cache.v)
+        except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: keep the eager step
+            import warnings
+
+            warnings.warn(f"the compiled decoding step failed ({type(exc).__name__}: {exc}); decoding stays eager",
+                          stacklevel=2)
+            return None
+        self._steps[key] = step
+        self.compile_seconds = time.perf_counter() - start
+        return self.compile_seconds
 
     # -- text helpers -------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
@@ -91,7 +160,6 @@ class Model:
     def _decode_steps(self, prompt: str, params: SamplingConfig, n: int, logprobs: int | None):
         """Yield, per step, the sampled token ids (n,) plus their logprobs; the caller decides when to stop."""
         import torch
-        from transformers import DynamicCache
 
         params.check()
         input_ids = self._encode(prompt)
@@ -104,28 +172,69 @@ class Model:
             )
         generator = torch.Generator(device=self.device)  # sampling happens where the logits are
         generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
-        cache = DynamicCache()
         seen = None  # prompt + sampled ids, for the repetition penalty: one buffer, filled in place
         if params.repetition_penalty != 1.0:
             seen = torch.empty((n, prompt_len + params.max_tokens), dtype=torch.long, device=self.device)
             seen[:, :prompt_len] = input_ids
         with torch.inference_mode():
+            prefill, step = self._stepper(input_ids, n, prompt_len + params.max_tokens)
             with self._kernels(small=False):
-                out = self._forward(input_ids, cache, logits_to_keep=1)
-            if n > 1:  # one prefill, then the cache is repeated for the n samples
-                cache.batch_repeat_interleave(n)
-            logits = out.logits[:, -1, :].float().expand(n, -1)
-            for step in range(params.max_tokens):
-                length = prompt_len + step
+                logits = prefill()
+            for index in range(params.max_tokens):
+                length = prompt_len + index
                 token, lp, top = _sample(logits, None if seen is None else seen[:, :length], params, generator, logprobs)
                 yield token, lp, top
-                if step + 1 == params.max_tokens:
+                if index + 1 == params.max_tokens:
                     break  # the last token needs no forward pass after it
                 if seen is not None:
                     seen[:, length] = token
                 with self._kernels(small=self._cpu_bf16):
-                    out = self._forward(token[:, None], cache)
-                logits = out.logits[:, -1, :].float()
+                    logits = step(token)
+
+    def _stepper(self, input_ids, n: int, positions: int):
+        """``(prefill, step)`` for one generation of ``n`` rows: ``prefill()`` runs the prompt once
+        and returns logits (n, vocab); ``step(token)`` appends one token per row."""
+        import torch
+
+        dec = self.decoder
+        if dec is None:  # transformers' forward on its own growing cache
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+
+            def prefill_hf():
+                out = self._forward(input_ids, cache, logits_to_keep=1)
+                if n > 1:  # one prefill, then the cache is repeated for the n samples
+                    cache.batch_repeat_interleave(n)
+                return out.logits[:, -1, :].float().expand(n, -1)
+
+            return prefill_hf, lambda token: self._forward(token[:, None], cache).logits[:, -1, :].float()
+
+        length = _decoding().cache_length(positions, self.context_length)
+        cache = dec.new_cache(n, length)
+        compiled = self._steps.get((n, length))
+
+        def prefill():
+            logits = dec.forward(input_ids, cache)
+            if n > 1:  # one prefill, then the cache is repeated for the n samples
+                cache.repeat_first_row()
+            return logits.expand(n, -1)
+
+        if compiled is None:
+            return prefill, lambda token: dec.forward(token[:, None], cache)
+        pos = torch.zeros(n, dtype=torch.long, device=self.device)
+
+        def prefill_then_position():
+            logits = prefill()
+            pos.fill_(cache.filled)
+            return logits
+
+        def step(token):
+            logits = compiled(token, pos, cache.k, cache.v)
+            pos.add_(1)
+            return logits
+
+        return prefill_then_position, step
 
     def _kernels(self, *, small: bool):
         """The CPU kernel switch for one forward pass (no switch on other devices)."""
@@ -428,11 +537,45 @@ class _KernelSwitch:
 _kernels = _KernelSwitch()
 
 
-def load(model: str | Path, *, device: str | None = None, dtype: str | None = "auto") -> Model:
-    """Load a run directory, a base model name, a model directory or a ``.gguf`` file for generation."""
+QUANT_CHOICES = ("none", "int8")
+# `generate --compile auto` compiles the decoding step only when a call writes at least this many
+# tokens (n x max_tokens): the compile takes minutes on 2 cores and the compiled step was not
+# faster than the eager fused one where it was measured (bench/NOTES.md), so only very long
+# runs risk it.
+COMPILE_MIN_DECODE_TOKENS = 20000
+
+
+def should_compile(mode: str, tokens: int) -> bool:
+    """``--compile`` auto|on|off for a call that writes ``tokens`` tokens in all."""
+    return mode == "on" or (mode == "auto" and tokens >= COMPILE_MIN_DECODE_TOKENS)
+
+
+def check_quant(quant: str | None) -> str:
+    """``quant`` as load() takes it: none (the model's dtype) or int8 (weight-only int8)."""
+    quant = quant or "none"
+    if quant not in QUANT_CHOICES:
+        raise TunesmithError(f"unknown quantization {quant!r}: use one of {', '.join(QUANT_CHOICES)}", field="quant")
+    return quant
+
+
+def quantize(net, quant: str | None):
+    """Ready a loaded model for generation, in place: weights frozen (which lets llama-family
+    models decode on the fused decoder), and ``quant`` applied (int8: every linear layer of the
+    decoder and the output head hold int8 weights with one scale per row; not for training)."""
+    net.requires_grad_(False)
+    if check_quant(quant) == "int8" and not _decoding().is_quantized(net):
+        _decoding().quantize_int8(net)
+    return net
+
+
+def load(model: str | Path, *, device: str | None = None, dtype: str | None = "auto",
+         quant: str | None = None) -> Model:
+    """Load a run directory, a base model name, a model directory or a ``.gguf`` file for generation.
+    ``quant="int8"`` holds the weights as int8 (weight-only: about half the bytes per token)."""
     from . import models, rundir
     from .device import pick_device, pick_dtype, setup_threads
 
+    check_quant(quant)
     setup_threads()
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
@@ -440,9 +583,9 @@ def load(model: str | Path, *, device: str | None = None, dtype: str | None = "a
     if rundir.is_run_dir(path):
         run = rundir.Run(path)
         net, tok = run.load_model(dtype=torch_dtype)
-        net.to(device).eval()
+        quantize(net.to(device).eval(), quant)
         return Model(net, tok, name=run.name, path=path, base=run.config.get("base"))
     net, tok = models.load_base(str(model), dtype=torch_dtype)
-    net.to(device).eval()
+    quantize(net.to(device).eval(), quant)
     # The tokenizer's chat template names the base; tokenizers also tell us the right eos.
     return Model(net, tok, name=str(model), path=models.resolve(str(model)), base=str(model))

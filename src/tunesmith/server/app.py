@@ -42,7 +42,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     catalog = Catalog(store)
     executor = ThreadPoolExecutor(max_workers=config.max_running + 1, thread_name_prefix="tunesmith-gen")
     queue = GenerationQueue(config.max_running, config.max_waiting)
-    cache = config.model_cache or ModelCache(config.cache_bytes)
+    cache = config.model_cache or ModelCache(config.cache_bytes, quant=config.quant, warm=config.warm_decoding)
     supervisor = Supervisor(store, config)
 
     @asynccontextmanager

@@ -79,16 +79,23 @@ def serve_command(
     ),
     max_tokens: int = typer.Option(2048, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
     no_worker: bool = typer.Option(False, "--no-worker", help="Serve models only; do not run fine-tuning jobs."),
+    quant: str = typer.Option("none", "--quant", help="Weights of loaded models: none (their dtype) or int8."),
+    warm: bool = typer.Option(
+        False, "--warm-decoding/--no-warm-decoding",
+        help="Compile each loaded model's decoding step in the background (requests decode eagerly until it is ready).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve an OpenAI-compatible API (/v1) and a web playground (/) for base models and fine-tunes."""
     check_bind(host, api_key, insecure_no_auth)
     import uvicorn
 
+    from ..generate import check_quant
     from ..home import home
     from .app import ServerConfig, create_app
     from .models_cache import parse_bytes
 
+    check_quant(quant)
     try:
         cache_bytes = parse_bytes(model_cache)
     except ValueError:
@@ -97,7 +104,7 @@ def serve_command(
     config = ServerConfig(
         home=home(), api_key=api_key or None, max_running=max_running, max_waiting=max_waiting,
         cache_bytes=cache_bytes, max_tokens_cap=max_tokens, start_worker=not no_worker,
-        allowed_hosts=_loopback_names(host) if is_loopback(host) else None,
+        allowed_hosts=_loopback_names(host) if is_loopback(host) else None, quant=quant, warm_decoding=warm,
     )
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host

@@ -21,6 +21,8 @@ class ServerConfig:
     max_body_bytes: int = 1 * MB
     max_tokens_cap: int = 2048
     max_batch: int = 16  # sequences one model decodes together (a request with n > 1 takes n)
+    quant: str = "none"  # weights of loaded language models: none (their dtype) or int8 (weight-only)
+    warm_decoding: bool = False  # compile each loaded model's decoding step in a background thread
     start_worker: bool = True  # run queued fine-tuning jobs in a worker process
     worker_idle_exit: float = 3.0
     supervise_interval: float = 1.0

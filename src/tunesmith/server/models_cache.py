@@ -68,16 +68,17 @@ def is_checkpoint_dir(path: Path) -> bool:
     return path.parent.name == "checkpoints" and is_run_dir(path.parent.parent)
 
 
-def load_source(source: str) -> Any:
-    """Load a model for generation: ``generate.load``, or a checkpoint on the run's base."""
+def load_source(source: str, quant: str | None = None) -> Any:
+    """Load a model for generation: ``generate.load``, or a checkpoint on the run's base;
+    ``quant`` as ``generate.load`` takes it (language models only)."""
     from ..classify import Classifier, is_classifier_run
-    from ..generate import Model, load
+    from ..generate import Model, load, quantize
 
     path = Path(source)
     if is_classifier_run(path):
         return Classifier.load(path)
     if not is_checkpoint_dir(path):
-        return load(source)
+        return load(source, quant=quant)
     from ..device import pick_device, pick_dtype, setup_threads
 
     # as generate.load does for a run directory, with the checkpoint's weights
@@ -85,15 +86,17 @@ def load_source(source: str) -> Any:
     device = pick_device(None)
     run = CheckpointRun(path)
     net, tok = run.load_model(dtype=pick_dtype(device, "auto"))
-    net.to(device).eval()
+    quantize(net.to(device).eval(), quant)
     return Model(net, tok, name=f"{run.name}:{path.name}", path=path, base=run.config.get("base"))
 
 
 class ModelCache:
     def __init__(self, max_bytes: int | None = None, loader: Callable[[str], Any] | None = None,
-                 sizer: Callable[[Any], int] = model_bytes):
+                 sizer: Callable[[Any], int] = model_bytes, quant: str | None = None, warm: bool = False):
         self.max_bytes = default_cache_bytes() if max_bytes is None else max_bytes
         self._loader = loader
+        self._quant = quant
+        self._warm = warm
         self._sizer = sizer
         self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -101,7 +104,13 @@ class ModelCache:
         self.loads = 0
 
     def _load(self, source: str) -> Any:
-        return (self._loader or load_source)(source)
+        if self._loader:
+            return self._loader(source)
+        model = load_source(source, self._quant)
+        if self._warm and hasattr(model, "warm"):
+            # the compiled decoding step is built beside the requests; they decode eagerly until it is ready
+            threading.Thread(target=model.warm, name="tunesmith-warm", daemon=True).start()
+        return model
 
     @property
     def used_bytes(self) -> int:

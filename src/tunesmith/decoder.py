@@ -1,0 +1,304 @@
+"""The forward pass used for decoding llama-family models, and their int8 weights.
+
+transformers' forward pass builds each step out of ~20 modules per layer, a growing cache
+(``torch.cat`` per layer and token) and mask logic; at batch 1 on a CPU that overhead, not the
+arithmetic, is most of a step. ``Decoder`` runs the same computation with the same rounding
+(RMSNorm in fp32, rotary tables from the model's own rotary module) on:
+
+- fused weights: q, k and v in one matrix, gate and up in another (two matmuls fewer per layer);
+  the model's own ``nn.Linear`` modules are pointed at views of the fused matrices, so the
+  weights are held once and every other forward pass (perplexity, training code) sees them;
+- a KV cache allocated once for the whole generation (prompt + max_tokens), written in place;
+- optionally ``torch.compile`` of the one-token step (``Decoder.compile``), with the cache at a
+  fixed size and the position as a tensor, so one graph serves every step.
+
+``quantize_int8`` swaps each linear layer of the decoder (and the output head) for an
+``Int8Linear``: symmetric int8 weights with one bf16 scale per output row, multiplied by
+``torch._weight_int8pack_mm`` (weight-only: activations stay bf16). It halves the bytes a
+decoding step reads; it is for generation only (training keeps bf16/fp32 weights).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class Int8Linear(torch.nn.Module):
+    """``y = x @ (q * scale).T`` with int8 ``q`` (out, in) and one scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(dtype))
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(self.scale.dtype)
+        return torch._weight_int8pack_mm(flat, self.qweight, self.scale).reshape(*shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (q * scale), for code that reads a layer's matrix (the
+        chunked loss of perplexity evaluation); the forward pass never builds it."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``scale = max|w| / 127``, ``q = round(w / scale)``, computed in fp32."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def quantize_int8(model) -> None:
+    """Replace the decoder's linear layers and the output head by ``Int8Linear`` (in place).
+
+    The input embedding stays in the model's dtype (one row is read per token); a tied output
+    head becomes its own int8 matrix."""
+    dtype = model.dtype if model.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in inner.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, Int8Linear(child.weight, dtype))
+    head = inner.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        inner.lm_head = Int8Linear(head.weight, dtype)
+        if hasattr(inner.config, "tie_word_embeddings"):
+            inner.config.tie_word_embeddings = False
+    inner.tunesmith_quant = "int8"
+
+
+def is_quantized(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "tunesmith_quant", None) == "int8"
+
+
+def supports(model) -> bool:
+    """True for a frozen model of the llama layout this decoder implements (SmolLM2, Llama, and
+    their merged fine-tunes). A model being trained (any parameter that requires grad, or LoRA
+    layers not merged, as in training's samples) is not: its weights change under it."""
+    if hasattr(model, "get_base_model") or any(p.requires_grad for p in model.parameters()):
+        return False
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not (
+        getattr(cfg, "model_type", None) == "llama"
+        and not getattr(cfg, "attention_bias", False)
+        and not getattr(cfg, "mlp_bias", False)
+        and getattr(cfg, "hidden_act", "silu") == "silu"
+        and rope.get("rope_type", "default") == "default"
+        and getattr(cfg, "pretraining_tp", 1) == 1
+    ):
+        return False
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for layer in model.model.layers:
+        mods = [getattr(layer.self_attn, n, None) for n in names[:4]] + [getattr(layer.mlp, n, None) for n in names[4:]]
+        if not all(type(m) in (torch.nn.Linear, Int8Linear) for m in mods):
+            return False
+    return type(model.get_output_embeddings()) in (torch.nn.Linear, Int8Linear)
+
+
+@dataclass
+class _Linear:
+    """One (possibly fused) weight: bf16/fp32 ``weight``, or int8 ``weight`` with ``scale``."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return F.linear(x, self.weight)
+        shape = x.shape
+        out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
+        return out.reshape(*shape[:-1], self.weight.shape[0])
+
+
+def _fuse(parent, names: tuple[str, ...]) -> _Linear:
+    """One matrix for several linear layers of ``parent`` (stacked by output rows); each layer's
+    weight then becomes a view of it, so nothing is held twice."""
+    mods = [getattr(parent, n) for n in names]
+    if all(isinstance(m, Int8Linear) for m in mods):
+        weight = torch.cat([m.qweight for m in mods]).contiguous()
+        scale = torch.cat([m.scale for m in mods]).contiguous()
+        row = 0
+        for m in mods:
+            rows = m.qweight.shape[0]
+            m.qweight, m.scale = weight[row : row + rows], scale[row : row + rows]
+            row += rows
+        return _Linear(weight, scale)
+    weight = torch.cat([m.weight.detach() for m in mods]).contiguous()
+    row = 0
+    for m in mods:
+        rows = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(weight[row : row + rows], requires_grad=False)
+        row += rows
+    return _Linear(weight)
+
+
+def _plain(module) -> _Linear:
+    if isinstance(module, Int8Linear):
+        return _Linear(module.qweight, module.scale)
+    return _Linear(module.weight.detach())
+
+
+class KVCache:
+    """Keys and values of every layer for ``rows`` sequences of up to ``length`` positions,
+    allocated once; ``filled`` positions hold data."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, length: int, head_dim: int, dtype, device):
+        shape = (layers, rows, kv_heads, length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.filled = 0
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+    def repeat_first_row(self) -> None:
+        """Copy sequence 0's cache into every other row (one prefill for n samples)."""
+        self.k[:, 1:] = self.k[:, :1]
+        self.v[:, 1:] = self.v[:, :1]
+
+
+class Decoder:
+    """The forward pass of a llama-family ``model`` for generation, on fused weights and a
+    preallocated cache. ``forward(tokens, cache)`` appends ``tokens`` (rows, T) at position
+    ``cache.filled`` and returns the float logits of the last position."""
+
+    def __init__(self, model):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = inner.config
+        body = inner.model
+        self.dtype = body.embed_tokens.weight.dtype
+        self.device = body.embed_tokens.weight.device
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.scaling = self.head_dim**-0.5
+        self.embed = body.embed_tokens.weight.detach()
+        self.layers = []
+        for layer in body.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight.detach(),
+                _fuse(a, ("q_proj", "k_proj", "v_proj")),
+                _plain(a.o_proj),
+                layer.post_attention_layernorm.weight.detach(),
+                _fuse(m, ("gate_proj", "up_proj")),
+                _plain(m.down_proj),
+            ))
+        self.norm = body.norm.weight.detach()
+        self.head = _plain(inner.lm_head)
+        self.intermediate = cfg.intermediate_size
+        self.q_size = self.heads * self.head_dim
+        self.kv_size = self.kv_heads * self.head_dim
+        # cos/sin for every position, from the model's own rotary module (same values as its forward)
+        positions = torch.arange(cfg.max_position_embeddings, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = body.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self._compiled = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def new_cache(self, rows: int, length: int) -> KVCache:
+        return KVCache(self.num_layers, rows, self.kv_heads, length, self.head_dim, self.dtype, self.device)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run ``tokens`` (rows, T) from position ``cache.filled``; float logits (rows, vocab) of the last one."""
+        rows, t = tokens.shape
+        start = cache.filled
+        end = start + t
+        if end > cache.length:
+            raise ValueError(f"the cache holds {cache.length} positions, {end} needed")
+        cos, sin = self.cos[start:end][None, None], self.sin[start:end][None, None]
+        x = F.embedding(tokens, self.embed)
+        q_size, kv_size = self.q_size, self.kv_size
+        for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
+            h = qkv(self._norm(x, ln1))
+            q = h[..., :q_size].view(rows, t, self.heads, self.head_dim).transpose(1, 2)
+            k = h[..., q_size : q_size + kv_size].view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = h[..., q_size + kv_size :].view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            keys, values = cache.k[i, :rows], cache.v[i, :rows]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            attn = F.scaled_dot_product_attention(
+                q, keys[:, :, :end], values[:, :, :end], is_causal=t > 1 and start == 0,
+                attn_mask=_mask(t, start, end, q.device) if t > 1 and start > 0 else None,
+                scale=self.scaling, enable_gqa=True)
+            x = x + o(attn.transpose(1, 2).reshape(rows, t, q_size))
+            g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
+            x = x + down(F.silu(g) * u)
+        cache.filled = end
+        return self.head(self._norm(x[:, -1:], self.norm))[:, -1].float()
+
+    # -- the one-token step with a position per row (compiled by Model.warm) -------------------
+    def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token per row, row ``r`` at position ``pos[r]`` (a (rows,) long tensor), over the
+        whole cache buffers ``k``/``v`` (``KVCache.k``/``.v``; each row sees its positions up to
+        its own). Shapes do not depend on the positions, so one compiled graph serves every step,
+        and rows may be at different positions (sequences that joined a batch at different times).
+        Returns float logits (rows, vocab); the caller advances ``pos``."""
+        rows = tokens.shape[0]
+        length = k.shape[3]
+        row_ids = torch.arange(rows, device=tokens.device)
+        cos = self.cos.index_select(0, pos)[:, None, None, :]
+        sin = self.sin.index_select(0, pos)[:, None, None, :]
+        mask = (torch.arange(length, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
+        x = F.embedding(tokens[:, None], self.embed)
+        q_size, kv_size = self.q_size, self.kv_size
+        for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
+            h = qkv(self._norm(x, ln1))
+            q = h[..., :q_size].view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            kk = h[..., q_size : q_size + kv_size].view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            vv = h[..., q_size + kv_size :].view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, kk = self._rotate(q, cos, sin), self._rotate(kk, cos, sin)
+            keys, values = k[i, :rows], v[i, :rows]
+            keys[row_ids, :, pos] = kk[:, :, 0]
+            values[row_ids, :, pos] = vv[:, :, 0]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+            x = x + o(attn.transpose(1, 2).reshape(rows, 1, q_size))
+            g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
+            x = x + down(F.silu(g) * u)
+        return self.head(self._norm(x, self.norm))[:, -1].float()
+
+
+def _mask(t: int, start: int, end: int, device) -> torch.Tensor:
+    """Boolean attention mask for ``t`` new tokens at ``start`` over ``end`` positions (causal)."""
+    rows = torch.arange(start, end, device=device)[:, None]
+    cols = torch.arange(end, device=device)[None, :]
+    return (cols <= rows)[None, None]
+
+
+def cache_length(needed: int, limit: int, bucket: int = 256) -> int:
+    """The cache size for ``needed`` positions: rounded up to ``bucket`` (so a compiled step is
+    reused across generations of similar length), at most ``limit``."""
+    return min(limit, max(bucket, math.ceil(needed / bucket) * bucket))

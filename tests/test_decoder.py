@@ -1,0 +1,196 @@
+"""The fused decoding forward pass and int8 weights, checked against transformers' own forward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tunesmith import load
+from tunesmith.decoder import Decoder, Int8Linear, quantize_rows, supports
+from tunesmith.errors import TunesmithError
+
+PROMPT = "It was a bright cold day in April, and the clocks were striking"
+
+
+def _hf_logits(model, ids, steps):
+    """Prompt logits then one logit row per fed token, from transformers' forward and its cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = [model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].float()]
+    for token in steps:
+        out.append(model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1].float())
+    return out
+
+
+def test_decoder_matches_transformers_forward(tiny_model_dir):
+    m = load("tiny-llama", dtype="float32")
+    assert supports(m.model)
+    ids = m._encode(PROMPT)
+    steps = [torch.tensor([5]), torch.tensor([17]), torch.tensor([301])]
+    with torch.inference_mode():
+        ref = _hf_logits(m.model, ids, steps)
+        dec = Decoder(m.model)
+        cache = dec.new_cache(1, 64)
+        got = [dec.forward(ids, cache)] + [dec.forward(t[:, None], cache) for t in steps]
+        assert cache.filled == ids.shape[1] + len(steps)
+        # the model's own forward still works on the fused weights' views, with the same result
+        again = _hf_logits(m.model, ids, steps)
+    for a, b, c in zip(got, ref, again):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
+
+
+def test_decoder_rows_share_one_prefill(tiny_model_dir):
+    """n rows: the prompt runs once, its cache is copied, then each row gets its own token."""
+    m = load("tiny-llama", dtype="float32")
+    ids = m._encode(PROMPT)
+    with torch.inference_mode():
+        dec = m.decoder
+        cache = dec.new_cache(2, 64)
+        dec.forward(ids, cache)
+        cache.repeat_first_row()
+        both = dec.forward(torch.tensor([[7], [9]]), cache)
+        ref7 = _hf_logits(m.model, ids, [torch.tensor([7])])[-1]
+        ref9 = _hf_logits(m.model, ids, [torch.tensor([9])])[-1]
+    torch.testing.assert_close(both[0], ref7[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[1], ref9[0], rtol=1e-4, atol=1e-4)
+
+
+def test_step_with_a_position_per_row_matches_separate_sequences(tiny_model_dir):
+    """Two sequences at different positions in one step (as a batch that sequences join at
+    different times) give each the logits it gets alone."""
+    m = load("tiny-llama", dtype="float32")
+    dec = m.decoder
+    first, second = m._encode(PROMPT), m._encode("Call me Ishmael.")
+    with torch.inference_mode():
+        alone = []
+        both = dec.new_cache(2, 64)
+        for row, (ids, token) in enumerate(((first, 7), (second, 9))):
+            cache = dec.new_cache(1, 64)
+            dec.forward(ids, cache)
+            both.k[:, row], both.v[:, row] = cache.k[:, 0], cache.v[:, 0]
+            alone.append(dec.forward(torch.tensor([[token]]), cache)[0])
+        pos = torch.tensor([first.shape[1], second.shape[1]])
+        got = dec.step_static(torch.tensor([7, 9]), pos, both.k, both.v)
+    assert first.shape[1] != second.shape[1]
+    torch.testing.assert_close(got[0], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], alone[1], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_text_is_the_same_on_both_forward_passes(tiny_model_dir, monkeypatch):
+    fused = load("tiny-llama", dtype="float32")
+    greedy = fused.generate(PROMPT, max_tokens=24, temperature=0)[0]
+    sampled = fused.generate(PROMPT, max_tokens=24, temperature=0.9, seed=3, n=2)
+    import tunesmith.decoder as decoder
+
+    monkeypatch.setattr(decoder, "supports", lambda model: False)  # transformers' forward
+    plain = load("tiny-llama", dtype="float32")
+    assert plain.decoder is None
+    assert plain.generate(PROMPT, max_tokens=24, temperature=0)[0].text == greedy.text
+    assert [c.text for c in plain.generate(PROMPT, max_tokens=24, temperature=0.9, seed=3, n=2)] == \
+        [c.text for c in sampled]
+
+
+def test_int8_rows_round_to_the_nearest_step():
+    w = torch.tensor([[0.3, -1.0, 0.25, 0.0], [2.0, 1.2, -0.5, 0.1]])
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8
+    torch.testing.assert_close(scale, torch.tensor([1.0 / 127, 2.0 / 127]))
+    assert q[0].tolist() == [38, -127, 32, 0]  # 0.3 * 127 = 38.1, 0.25 * 127 = 31.75
+    assert q[1].tolist() == [127, 76, -32, 6]  # 1.2 * 63.5 = 76.2, -0.5 * 63.5 = -31.75, 0.1 * 63.5 = 6.35
+
+
+def test_int8_linear_multiplies_like_its_dequantized_weights():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    layer = Int8Linear(w, torch.float32)
+    x = torch.randn(3, 64)
+    dequant = layer.qweight.float() * layer.scale[:, None]
+    torch.testing.assert_close(layer(x), x @ dequant.T, rtol=1e-5, atol=1e-5)
+    assert (dequant - w).abs().max() <= layer.scale.max() / 2 + 1e-6  # error at most half a step
+
+
+def test_load_int8_quantizes_every_linear_layer(tiny_model_dir):
+    m = load("tiny-llama", dtype="float32", quant="int8")
+    assert m.quant == "int8"
+    linears = [mod for mod in m.model.modules() if isinstance(mod, torch.nn.Linear)]
+    assert linears == []
+    plain = load("tiny-llama", dtype="float32")
+    ids = m._encode(PROMPT)
+    with torch.inference_mode():
+        a = m.model(input_ids=ids).logits.float()
+        b = plain.model(input_ids=ids).logits.float()
+        # the fused decoder on int8 weights gives the model's own (int8) forward
+        cache = m.decoder.new_cache(1, 64)
+        c = m.decoder.forward(ids, cache)
+    torch.testing.assert_close(c, a[:, -1], rtol=1e-4, atol=1e-4)
+    # int8 is close to the float model, not equal to it
+    assert 0 < (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_unknown_quant_is_refused(tiny_model_dir):
+    with pytest.raises(TunesmithError, match="int8"):
+        load("tiny-llama", quant="int4")
+
+
+def test_warm_compiles_a_step_that_matches_the_eager_one(tiny_model_dir):
+    m = load("tiny-llama", dtype="float32")
+    eager = m.generate(PROMPT, max_tokens=12, temperature=0)[0].text
+    seconds = m.warm(rows=1, positions=64)
+    assert seconds is not None and seconds > 0
+    assert m._steps  # generations of this size now take the compiled step
+    assert m.generate(PROMPT, max_tokens=12, temperature=0)[0].text == eager
+    assert m.warm(rows=1, positions=64) == 0.0  # already built
+
+
+@pytest.mark.real_model
+def test_int8_real_model_keeps_perplexity_and_greedy_text(real_base_dir):
+    """Held-out perplexity within 1% of bf16; the same greedy text over 32 tokens."""
+    from tunesmith.tokens import pack, tokenize_rows
+    from tunesmith.train import TrainConfig, evaluate
+
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+            "in want of a wife. However little known the feelings or views of such a man may be on his first "
+            "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that "
+            "he is considered the rightful property of some one or other of their daughters.")
+    bf16 = load("smollm2-135m")
+    int8 = load("smollm2-135m", quant="int8")
+    blocks = pack(*tokenize_rows([{"text": text}], bf16.tokenizer), 128, bf16.tokenizer.eos_token_id)
+    cfg = TrainConfig(base="smollm2-135m", block_size=128)
+    ppl = [math.exp(evaluate(m.model, blocks, cfg, m.device, m.model.dtype)["loss"]) for m in (bf16, int8)]
+    assert abs(ppl[1] / ppl[0] - 1) < 0.01, ppl
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    a = bf16.generate(prompt, max_tokens=32, temperature=0)[0]
+    b = int8.generate(prompt, max_tokens=32, temperature=0)[0]
+    assert a.completion_tokens == 32 or a.finish_reason == "stop"
+    assert b.text == a.text
+
+
+def test_server_model_cache_loads_with_the_servers_quant(tiny_model_dir):
+    from tunesmith.server.models_cache import ModelCache
+
+    cache = ModelCache(4 * 2**30, quant="int8")
+    model = cache.get("tiny-llama")
+    assert model.quant == "int8"
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.model.modules())
+    assert ModelCache(4 * 2**30).get("tiny-llama").quant == "none"
+
+
+def test_a_model_in_training_keeps_transformers_forward(tiny_model_dir):
+    """Training's samples wrap the model being trained (LoRA not merged, weights that change):
+    the fused decoder, which copies weights into fused matrices, must not take it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.generate import Model
+    from tunesmith.models import load_tokenizer, resolve
+
+    net = AutoModelForCausalLM.from_pretrained(str(resolve("tiny-llama")))
+    tok = load_tokenizer("tiny-llama")
+    assert Model(net, tok, name="full").decoder is None  # trainable weights
+    lora = get_peft_model(net, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert Model(lora, tok, name="lora").decoder is None
+    assert not supports(lora.get_base_model())  # LoRA layers in place of nn.Linear
