@@ -75,6 +75,9 @@ def assert_same_run(ours: Run, theirs: Run) -> None:
                 assert x[key] == pytest.approx(y[key], abs=1e-9), (x["step"], key)
     wa, wb = _weights(ours), _weights(theirs)
     assert wa.keys() == wb.keys()
+    gaps = [abs(x[k] - y[k]) / abs(y[k]) for x, y in zip(a, b) for k in ("training_loss", "validation_loss") if k in y]
+    print(f"largest relative loss difference {max(gaps):.1e}, "  # shown with -s: the measured agreement
+          f"largest weight difference {max(float((wa[k] - wb[k]).abs().max()) for k in wb):.1e}")
     assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=WEIGHT_ATOL) for k in wb)
     assert ours.best["step"] == theirs.best["step"]
 
