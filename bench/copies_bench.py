@@ -277,7 +277,7 @@ def run(ctx: dict) -> dict:
     work = Path(ctx.get("work") or tempfile.mkdtemp(prefix="copies-bench-"))
     checks = 5 if quick else 20
     began = time.perf_counter()
-    out: dict = {"quick": quick, "repeats": repeats, "threads": threads, "sizes": {},
+    out: dict = {"quick": quick, "repeats": repeats, "threads": threads, "checks": checks, "sizes": {},
                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the start"}
     for tokens, with_baseline, rounds in ((1_000_000, True, repeats), (5_000_000 if quick else 100_000_000, False, 1)):
         say(f"  copies: a {tokens:,}-token corpus ...")
@@ -373,7 +373,7 @@ def render(result: dict) -> str:
     lines = ["## Copy finder and style scores", "",
              f"Generated corpora of shuffled sentences (sherlock, tinyshakespeare); each build and check in a fresh "
              f"process with {result['threads']} threads; {result['repeats']} interleaved repeat(s) at 1M tokens, one "
-             f"build at the larger size; checks of a 1,000-token text (half copied), 20 per process; median and "
+             f"build at the larger size; checks of a 1,000-token text (half copied), {result['checks']} per process; median and "
              f"(min–max). Targets are judged at the worse end. {result['machine']}; load {result.get('load_at_end')} "
              f"at the end; section took {result['seconds']:.0f} s.", "",
              "| corpus | build s (wall) | build s (CPU) | check ms | peak RSS MB | index MB | targets |",
