@@ -501,6 +501,9 @@ def test_prepare_cli_on_labelled_data_reports_and_writes_nothing(tmp_path):
     result = CliRunner().invoke(app, ["prepare", str(bad)])
     assert result.exit_code == 1 and "line 22" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["bad.csv"])
+    write_jsonl(tmp_path / "plain.jsonl", [{"text": "no labels here"}])
+    result = CliRunner().invoke(app, ["prepare", str(tmp_path / "plain.jsonl"), "--text-col", "text"])
+    assert result.exit_code == 1 and "--text-col" in result.output and "no label column" in result.output
 
 
 def test_train_auto_task_names_the_nan_line(tmp_path):
