@@ -367,7 +367,7 @@ def test_failure_while_writing_leaves_no_temp_dir(tokenizer, tmp_path: Path, mon
 
     monkeypatch.setattr(prep, "write_json", broken)
     path = write(tmp_path, "t.jsonl", jsonl([{"text": "Hello."}]))
-    with pytest.raises(TunesmithError, match="No space left"):
+    with pytest.raises(TunesmithError, match="the disk is full"):
         prepare(path, tokenizer=tokenizer, estimate=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
 
