@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -238,7 +239,11 @@ def test_a_50_mb_line_prepares_in_bounded_memory(tmp_path: Path, real_base_dir: 
     """``prepare`` in a child process, so its peak RSS is prepare's alone (a 20 MB line used to
     peak at 7.9 GB and take 105 s)."""
     path = tmp_path / "long.txt"
-    path.write_bytes(b"word " * 10_000_000)
+    # 50 MB of varied words on one line (a repeated word would make every example the same, and
+    # dedupe would keep one of them)
+    vocabulary = np.array([f"w{i}" for i in range(50_000)])
+    words = vocabulary[np.random.default_rng(0).integers(0, len(vocabulary), 8_500_000)]
+    path.write_bytes(" ".join(words.tolist()).encode()[:50_000_000])
     code = ("import resource, sys; from tunesmith.prepare import prepare\n"
             "from transformers import AutoTokenizer\n"
             "tok = AutoTokenizer.from_pretrained(sys.argv[2])\n"
