@@ -530,6 +530,39 @@ def _duration(seconds: float) -> str:
 # --- token counting and cutting -------------------------------------------------------------
 
 
+# Texts tokenized in one call: at most this many, and at most this many characters together
+# (one longer text goes alone), so a batch's encodings stay small whatever the texts' sizes.
+BATCH_TEXTS = 512
+BATCH_CHARS = 1 << 18
+
+
+def _batches(texts: list[str]) -> Iterator[list[str]]:
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and end - start < BATCH_TEXTS and (end == start or chars + len(texts[end]) <= BATCH_CHARS):
+            chars += len(texts[end])
+            end += 1
+        yield texts[start:end]
+        start = end
+
+
+PREFIX_CHARS = 1 << 16  # characters of a long text counted to tell that it cannot fit a block
+
+
+def _prefix(text: str) -> str:
+    """``text``, or for a longer one its first ``PREFIX_CHARS`` characters cut before a single
+    space between two words (the whole text if there is none)."""
+    if len(text) <= PREFIX_CHARS:
+        return text
+    cut = PREFIX_CHARS
+    while cut > 0:
+        cut = text.rfind(" ", 1, cut)
+        if cut > 0 and not text[cut - 1].isspace() and cut + 1 < len(text) and not text[cut + 1].isspace():
+            return text[:cut]
+    return text
+
+
 class _TokenCounter:
     """Counts tokens with the base model's tokenizer; ``budget`` is the most tokens per example."""
 
@@ -542,19 +575,29 @@ class _TokenCounter:
 
     def ids_many(self, texts: list[str]) -> list[list[int]]:
         ids: list[list[int]] = []
-        for start in range(0, len(texts), 512):
-            ids += self.tokenizer(texts[start : start + 512], add_special_tokens=False)["input_ids"]
+        for batch in _batches(texts):
+            ids += self.tokenizer(batch, add_special_tokens=False)["input_ids"]
         return ids
 
     def many(self, texts: list[str]) -> list[int]:
         counts: list[int] = []
-        for start in range(0, len(texts), 512):  # in batches: a batch's encodings hold ~100 bytes a token
-            batch = texts[start : start + 512]
+        for batch in _batches(texts):  # in batches: a batch's encodings hold ~100 bytes a token
             counts += [len(ids) for ids in self.tokenizer(batch, add_special_tokens=False)["input_ids"]]
         return counts
 
     def one(self, text: str) -> int:
         return self.many([text])[0]
+
+    def fit(self, texts: list[str]) -> list[int]:
+        """Token counts, exact for a text that fits the budget; for a long text whose first
+        ``PREFIX_CHARS`` characters (up to a space between words) already exceed it, that
+        prefix's count, so a text of a megabyte is never tokenized whole just to learn that it
+        does not fit. (Pre-tokenization splits at such a space, so the whole has at least as many.)"""
+        counts = self.many([_prefix(text) for text in texts])
+        redo = [i for i, (text, n) in enumerate(zip(texts, counts)) if n <= self.budget and len(text) > PREFIX_CHARS]
+        for i, n in zip(redo, self.many([texts[i] for i in redo])):
+            counts[i] = n
+        return counts
 
     def cut(self, text: str, limit: int, keep: str = "start") -> str:
         """The first (or last) ``limit`` tokens' worth of ``text``, at token boundaries."""
@@ -638,7 +681,7 @@ def _units(paragraphs: list[str], counter: _TokenCounter, stats: dict[str, int])
     budget = counter.budget
     units = []
     paragraphs = _bounded(paragraphs, stats)
-    for text, count in zip(paragraphs, counter.many(paragraphs)):
+    for text, count in zip(paragraphs, counter.fit(paragraphs)):
         if count <= budget:
             unit = _Unit(text, count, "\n\n")
             units.extend([unit] if ends_sentence(text) else _sentence_units(unit, counter, stats))
@@ -674,14 +717,15 @@ def _sentence_units(unit: _Unit, counter: _TokenCounter, stats: dict[str, int]) 
     if len(sentences) <= 1 and unit.tokens <= counter.budget:
         return [unit]
     units = []
-    for i, ((space, sentence), n) in enumerate(zip(sentences, counter.many([s for _, s in sentences]))):
+    for i, ((space, sentence), n) in enumerate(zip(sentences, counter.fit([s for _, s in sentences]))):
         joiner = unit.joiner if i == 0 else space
         if n <= counter.budget:
             units.append(_Unit(sentence, n, joiner))
             continue
         stats["word_split"] += 1
-        for j, piece in enumerate(_split_words(sentence, counter)):
-            units.append(_Unit(piece, counter.one(piece), joiner if j == 0 else " "))
+        pieces = _split_words(sentence, counter)
+        for j, (piece, m) in enumerate(zip(pieces, counter.many(pieces))):
+            units.append(_Unit(piece, m, joiner if j == 0 else " "))
     return units
 
 
@@ -713,8 +757,8 @@ def _split_words(text: str, counter: _TokenCounter) -> list[str]:
     if current:
         pieces.append(" ".join(current))
     out = []
-    for piece in pieces:  # summed word counts are approximate; make sure each piece fits
-        out.append(piece if counter.one(piece) <= budget else counter.cut(piece, budget))
+    for piece, n in zip(pieces, counter.many(pieces)):  # summed word counts are approximate; make sure each piece fits
+        out.append(piece if n <= budget else counter.cut(piece, budget))
     return out
 
 
