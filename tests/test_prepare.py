@@ -532,3 +532,19 @@ def test_split_never_puts_copies_of_one_example_on_both_sides(tmp_path: Path) ->
         assert len(norm(prepared.valid)) == 4 and len(prepared.valid) == 12  # 20% of 20 examples, 3 copies each
         assert checks(prepared)["duplicates"]["status"] == "warning"
         assert checks(prepared)["duplicates"]["message"].startswith("40 duplicate examples kept")
+
+
+def test_a_long_text_is_counted_by_its_prefix_only_when_that_settles_it(tokenizer) -> None:
+    """``fit`` agrees with counting each text whole: the same count for a text that fits the
+    budget, more than the budget for one that does not (a 300 KB text is not tokenized whole)."""
+    from tunesmith.prepare import _TokenCounter
+
+    counter = _TokenCounter(tokenizer, 1023)
+    words = " ".join(f"w{i}" for i in range(60_000))  # ~400 KB, far over a block
+    spaces = "a" + " " * 70_000 + "b"  # long, but a handful of tokens: counted whole
+    texts = ["A short paragraph.", words, words[: 3000], spaces, "x" * 80_000]
+    whole = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    fitted = counter.fit(texts)
+    for text, n, m in zip(texts, whole, fitted):
+        assert m == n if n <= 1023 else m > 1023, (len(text), n, m)
+    assert fitted[1] < whole[1]  # the long text of words was counted by a prefix
