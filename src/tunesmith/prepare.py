@@ -819,7 +819,8 @@ def _budgeted(texts: list[str], counter: _TokenCounter) -> tuple[list[dict], lis
     """Rows and token counts, re-checking every example against the budget."""
     rows, tokens = [], []
     kept = counter.kept
-    for text, ids in zip(texts, counter.ids_many(texts)):
+    # a batch's ids at a time, not a section's: held as Python ints they take ~36 bytes a token
+    for text, ids in ((t, i) for batch in _batches(texts) for t, i in zip(batch, counter.ids_many(batch))):
         if len(ids) > counter.budget:  # the fast path in _join_units misjudged a seam: cut it again
             for piece in _split_words(text, counter):
                 piece_ids = counter.ids_many([piece])[0]
