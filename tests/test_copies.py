@@ -491,7 +491,7 @@ def test_generate_check_copying_marks_copied_spans(sherlock, index, tmp_path, mo
     for name in ("train.jsonl", "report.json"):
         shutil.copy(sherlock / name, run / "data" / name)
     flat = " ".join(SWANDAM.split())
-    monkeypatch.setattr("tunesmith.generate.load", lambda model: _FakeModel(f"{OWN[0]} {flat} {OWN[1]}"))
+    monkeypatch.setattr("tunesmith.generate.load", lambda model, **options: _FakeModel(f"{OWN[0]} {flat} {OWN[1]}"))
     result = _invoke("generate", run, "Once", "--check-copying")
     assert result.exit_code == 0, result.output
     assert f"{OWN[0]} [[{flat}]] {OWN[1]}" in result.output  # piped: marked with brackets

@@ -244,7 +244,7 @@ def test_a_full_disk_leaves_nothing_at_the_output_path(tiny_run, tmp_path, monke
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fill_up)
     out = tmp_path / "sub" / "full.gguf"
-    with pytest.raises(TunesmithError, match="disk filled up") as err:
+    with pytest.raises(TunesmithError, match="the disk is full") as err:
         export(tiny_run.path, format="gguf", out=out)
     assert err.value.file == str(out)
     assert not out.exists() and os.listdir(out.parent) == []
@@ -258,7 +258,7 @@ def test_a_full_disk_leaves_nothing_at_the_output_path(tiny_run, tmp_path, monke
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_fills_up)
     hf = tmp_path / "hf-full"
     result = _cli(tiny_run.path, "--format", "hf", "--out", hf)
-    assert result.exit_code == 1 and "disk filled up" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "the disk is full" in result.output and "Traceback" not in result.output
     assert not hf.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))

@@ -179,7 +179,7 @@ class InProcessServer:
 
 def test_playground_marks_copied_text_and_says_where_it_is_from(browser, tunesmith_home, sherlock, artifacts):  # noqa: F811
     from test_copies import OWN, SWANDAM
-    from test_server_api import CopyingModel, book_run
+    from test_server_api import CopyingBatch, CopyingModel, book_run
 
     from tunesmith.server.app import ServerConfig, create_app
     from tunesmith.server.models_cache import ModelCache
@@ -188,6 +188,7 @@ def test_playground_marks_copied_text_and_says_where_it_is_from(browser, tunesmi
     book_run(tunesmith_home, sherlock)
     cache = ModelCache(loader=lambda source: CopyingModel(f"{OWN[0]} {flat} {OWN[1]}"), sizer=lambda m: 1)
     app = create_app(ServerConfig(home=tunesmith_home, start_worker=False, model_cache=cache))
+    app.state.generator.batching = CopyingBatch()
     where = "sherlock.txt, lines 5205\u20135209 (ADVENTURE VI. THE MAN WITH THE TWISTED LIP)"  # test_copies.PLANTED
     with InProcessServer(app) as server:
         page = browser.new_page(viewport={"width": 1100, "height": 800})
