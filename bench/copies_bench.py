@@ -102,6 +102,13 @@ def _query(directory: Path, tokens: int, seed: int) -> str:
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 

@@ -58,7 +58,10 @@ else:
                         tokens += len(ids)
     extra = {"tokens": tokens}
 seconds = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # carries the parent's peak across exec
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):  # this process's own peak
+        rss = int(line.split()[1]) / 1024
 print("PREPARE-BENCH " + json.dumps({"seconds": seconds, "peak_rss_mb": rss, **extra}))
 """
 

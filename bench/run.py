@@ -54,6 +54,14 @@ RESULT = "BENCH-RESULT "
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). getrusage's ru_maxrss is not used: it carries the parent's
+    peak across fork and exec, so every child would report at least the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
