@@ -248,7 +248,9 @@ def test_a_50_mb_line_prepares_in_bounded_memory(tmp_path: Path, real_base_dir: 
             "from transformers import AutoTokenizer\n"
             "tok = AutoTokenizer.from_pretrained(sys.argv[2])\n"
             "p = prepare(sys.argv[1], out=sys.argv[3], tokenizer=tok, estimate=None)\n"
-            "print(p.report['examples']['train'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            # VmHWM, this process's own peak (ru_maxrss would carry pytest's peak across exec)
+            "peak = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "print(p.report['examples']['train'], peak // 1024)")
     out = subprocess.run([sys.executable, "-c", code, str(path), str(real_base_dir), str(tmp_path / "out")],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout.split()
