@@ -190,6 +190,16 @@ def _whole(file: TextFile) -> str:
     return text
 
 
+def _json_line(line: str, number: int, path: Path, suffix: str) -> Any:
+    """One JSON line's value, or a TunesmithError naming its line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _json_error(exc, path, number - 1, suffix) from None
+    except (ValueError, RecursionError) as exc:
+        raise TunesmithError(f"malformed JSON at line {number}: {exc}", file=path, line=number) from None
+
+
 def _jsonl_parts(file: TextFile, path: Path, suffix: str) -> Iterator[Corpus]:
     """JSON lines in parts of ``PART_RECORDS`` records; the format is decided by the first record."""
     items: list[tuple[int, Any]] = []
@@ -199,13 +209,7 @@ def _jsonl_parts(file: TextFile, path: Path, suffix: str) -> Iterator[Corpus]:
         if not line.strip():
             continue
         seen_text = True
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _json_error(exc, path, number - 1, suffix) from None
-        except (ValueError, RecursionError) as exc:
-            raise TunesmithError(f"malformed JSON at line {number}: {exc}", file=path, line=number) from None
-        items.append((number, obj))
+        items.append((number, _json_line(line, number, path, suffix)))
         if len(items) >= PART_RECORDS:
             corpus = _records_from(items, path, fmt)
             fmt = fmt or (corpus.format, items[0][0])
@@ -540,13 +544,7 @@ def _read_json(text: str, path: Path, suffix: str) -> Corpus:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _json_error(exc, path, number - 1, suffix) from None
-        except (ValueError, RecursionError) as exc:
-            raise TunesmithError(f"malformed JSON at line {number}: {exc}", file=path, line=number) from None
-        items.append((number, obj))
+        items.append((number, _json_line(line, number, path, suffix)))
     return _records_from(items, path)
 
 
