@@ -188,7 +188,7 @@ class Model:
                     break  # the last token needs no forward pass after it
                 if seen is not None:
                     seen[:, length] = token
-                with self._kernels(small=self._cpu_bf16):
+                with self._kernels(small=self._cpu_bf16 and n <= SMALL_DECODE_ROWS):
                     logits = step(token)
 
     def _stepper(self, input_ids, n: int, positions: int):
@@ -489,7 +489,7 @@ class _KernelSwitch:
     """oneDNN off for decoding steps of bf16 weights on a CPU, without changing other generation work.
 
     oneDNN's bf16 matmul is built for big batches: for the (n, 576) x (576, k) products of a
-    decoding step, PyTorch's own bf16 kernels are faster (bench/NOTES.md). The switch
+    decoding step of a few rows, PyTorch's own bf16 kernels are faster (bench/NOTES.md). The switch
     (``torch.backends.mkldnn.enabled``) is process-wide and the two kernels round differently,
     so every forward pass of a generation on a CPU goes through this switch: decoding steps
     (``small=True``) run together, any other pass (prefill, fp32 models) waits until none of
@@ -535,6 +535,10 @@ class _KernelSwitch:
 
 
 _kernels = _KernelSwitch()
+# Decoding steps of at most this many rows use PyTorch's own bf16 kernels; wider ones (eval's
+# batches of 16 samples) are faster with oneDNN: 16 rows wrote 51-71 tok/s against 32-35 with
+# the switch on, 4 rows 26-30 against 19-20, while 2 and 3 rows were within noise of each other.
+SMALL_DECODE_ROWS = 3
 
 
 QUANT_CHOICES = ("none", "int8")
