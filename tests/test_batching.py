@@ -33,8 +33,6 @@ def test_requests_decoded_together_write_what_each_writes_alone(tiny):
     batcher = Batcher(tiny)
     alone = [_key(batcher.generate(p, logprobs=2, **kw)[0]) for p, kw in REQUESTS]
     assert batcher.peak_batch == 1
-    # Model.generate (its own batch-1 loop) writes the same greedy text for this model
-    assert alone[1][0] == tiny.generate(REQUESTS[1][0], **REQUESTS[1][1])[0].text
     together: list = [None] * len(REQUESTS)
     start = threading.Barrier(len(REQUESTS))
 

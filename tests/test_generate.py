@@ -278,6 +278,23 @@ def test_shaped_distribution_matches_the_reference(settings):
     assert probs.tolist() == pytest.approx(_ref_probs(LOGITS, **s), abs=1e-6)
 
 
+@pytest.mark.parametrize("scale,top_p", [(0.05, 0.9), (0.5, 0.95), (3.0, 0.5), (8.0, 0.99)])
+def test_top_p_over_a_large_vocabulary_matches_the_reference(scale, top_p):
+    """Flat and peaked rows over 3,000 tokens, two rows at once: the candidates are widened past
+    the first few hundred when a flat row needs more of them to reach top_p."""
+    import torch
+
+    from tunesmith.generate import SamplingParams, _shape_logits
+
+    rows = (torch.randn(2, 3000, generator=torch.Generator().manual_seed(1)) * torch.tensor([[scale], [0.05]])).double()
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    probs = _shape_logits(rows, None, params).softmax(-1)
+    for row in range(2):
+        want = _ref_probs(rows[row].tolist(), top_p=top_p)
+        assert probs[row].tolist() == pytest.approx(want, abs=1e-9)
+    assert int((probs[1] > 0).sum()) > 256  # the flat row kept more than the first candidates
+
+
 def test_sampling_draws_follow_the_shaped_distribution():
     import torch
 

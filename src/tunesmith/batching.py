@@ -11,12 +11,15 @@ construction: every sequence, alone or not, goes through this loop, and nothing 
 depends on the other rows. The weight products run for the whole batch with oneDNN's bf16
 kernels, which give each row the same bits whatever the batch size (measured: PyTorch's own bf16
 kernels do too but cost ~4x per extra row, so they are not used here; fp32 products do not keep
-rows apart, see bench/NOTES.md); attention runs per row over that row's own cache, without
-padding; sampling runs per row. Text is therefore the same as alone for bf16 models; fp32 models
-batch too, and their rows may differ in the last bits from a run alone.
+rows apart, see bench/NOTES.md); sampling runs per row. Text is therefore the same as alone for
+bf16 models; fp32 models batch too, and their rows may differ in the last bits from a run alone.
 
-The decoding step is written out for Llama-shaped decoders (Llama, Mistral, Qwen2, SmolLM);
-other architectures run each row as its own forward pass, in the same loop.
+Models the fused decoder supports (``decoder.Decoder``: SmolLM2, Llama) decode the whole batch
+in one ``step_static`` call over one shared cache, sequence i in row i, each row masked to its
+own positions (a row's attention output does not depend on the other rows or on the cache's
+length, bit for bit: measured on PyTorch's CPU kernels); rows are compacted when a sequence
+leaves. Other Llama-shaped decoders (Mistral, Qwen2) use ``decode_step``, with attention per row
+over that row's own cache; other architectures run each row as its own forward pass.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class _Seq:
         self.tops: list[dict] = []
         self.first = 0.0
         self.done = False
+        self.row = -1  # its row of the shared cache (fused decoder)
 
     def take(self, logits) -> None:
         """Sample this sequence's next token from its (1, vocab) float logits and report it."""
@@ -199,6 +203,10 @@ class Batcher:
         self._pending: list[Request] = []
         self._thread: threading.Thread | None = None
         self.llama_shaped = _llama_shaped(model.model)
+        # Models with a fused decoder (decoder.Decoder) decode the batch in one call over one
+        # shared cache, sequence i in row i; others use decode_step or a forward pass per row.
+        self.fused = model.decoder is not None
+        self._cache = None  # the fused path's decoder.KVCache, while the loop runs
         self.peak_batch = 0  # the most sequences one step has decoded (for tests and the bench)
 
     # -- submitting -----------------------------------------------------------------------
@@ -275,21 +283,22 @@ class Batcher:
     def _loop(self, model: Model) -> None:
         active: list[_Seq] = []
         while True:
+            active = self._keep(active)
             with self._cond:
-                active = [s for s in active if not s.done and not s.request.cancelled]
                 self._pending = [r for r in self._pending if not r.cancelled]
                 if not active and not self._pending:
                     # Wait a while for the next request rather than start a new thread for it.
                     self._cond.wait_for(lambda: self._pending, timeout=self.linger)
                     if not self._pending:
                         self._thread = None
+                        self._cache = None
                         return
             for request in self._take_newcomers(self.max_batch - len(active)):
                 try:
-                    active.extend(self._prefill(model, request))
+                    active.extend(self._prefill(model, request, len(active)))
                 except Exception as exc:  # noqa: BLE001 - reported to the request
                     request.sink(Event("error", 0, error=exc))
-            running = [s for s in active if not s.done and not s.request.cancelled]
+            running = self._keep(active)
             if not running:
                 active = running
                 continue
@@ -302,13 +311,55 @@ class Batcher:
                     seq.request.sink(Event("error", seq.index, error=exc))
             active = running
 
-    def _prefill(self, model: Model, request: Request) -> list[_Seq]:
-        """Run the prompt once, give each of the request's sequences a copy of its cache and its first token."""
+    def _keep(self, seqs: list[_Seq]) -> list[_Seq]:
+        """The sequences still running, in order; on the fused path each moves down to the row
+        of its new index (a subsequence only moves down, so no row is overwritten before it is read)."""
+        kept = [s for s in seqs if not s.done and not s.request.cancelled]
+        if self._cache is not None:
+            for row, seq in enumerate(kept):
+                if seq.row != row:
+                    self._cache.move_row(seq.row, row, seq.length)
+                    seq.row = row
+        return kept
+
+    def _rows(self, model: Model, rows: int, positions: int) -> None:
+        """Make the shared cache hold at least ``rows`` rows of ``positions`` positions (it grows
+        by doubling its rows and in 256-position steps, keeping what it holds)."""
+        from .decoder import cache_length
+
+        cache = self._cache
+        if cache is not None and cache.k.shape[1] >= rows and cache.length >= positions:
+            return
+        have_rows = 0 if cache is None else cache.k.shape[1]
+        want_rows = min(self.max_batch, max(rows, 2 * have_rows, 1))
+        want_length = cache_length(max(positions, 0 if cache is None else cache.length), model.context_length)
+        if cache is None:
+            self._cache = model.decoder.new_cache(want_rows, want_length)
+        else:
+            self._cache = cache.grown(want_rows, want_length)
+
+    def _prefill(self, model: Model, request: Request, first_row: int) -> list[_Seq]:
+        """Run the prompt once, give each of the request's sequences a copy of its cache and its
+        first token. On the fused path the sequences take rows ``first_row`` on."""
         import torch
         from transformers import DynamicCache
 
         ids = torch.tensor([request.prompt_ids], device=model.device)
         length = ids.shape[1]
+        if self.fused:
+            self._rows(model, first_row + request.n, length + request.params.max_tokens)
+            with torch.inference_mode(), _kernels(small=False):
+                logits = model.decoder.forward(ids, self._cache.rows(first_row, first_row + 1))
+            seqs = []
+            for index in range(request.n):
+                if index:
+                    self._cache.move_row(first_row, first_row + index, length)
+                seq = _Seq(request, index, model, None, length)
+                seq.row = first_row + index
+                with torch.inference_mode():
+                    seq.take(logits)
+                seqs.append(seq)
+            return seqs
         cache = DynamicCache()
         with torch.inference_mode(), _kernels(small=False):
             logits = model._forward(ids, cache, logits_to_keep=1).logits[:, -1, :].float()
@@ -334,7 +385,11 @@ class Batcher:
 
         with torch.inference_mode():
             with _kernels(small=False):
-                if self.llama_shaped:
+                if self.fused:
+                    tokens = torch.tensor([s.token for s in seqs], device=model.device)
+                    positions = torch.tensor([s.length for s in seqs], device=model.device)
+                    logits = model.decoder.step_static(tokens, positions, self._cache.k, self._cache.v)
+                elif self.llama_shaped:
                     tokens = torch.tensor([s.token for s in seqs], device=model.device)
                     positions = torch.tensor([s.length for s in seqs], device=model.device)
                     logits = decode_step(model.model, tokens, positions, seqs)

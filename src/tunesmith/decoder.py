@@ -167,6 +167,29 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[3]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows ``start:stop`` of this one (views: writes land in this cache), empty."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.filled = self.k[:, start:stop], self.v[:, start:stop], 0
+        return view
+
+    def grown(self, rows: int, length: int) -> KVCache:
+        """A larger cache of ``rows`` rows and ``length`` positions holding this one's contents."""
+        new = KVCache.__new__(KVCache)
+        shape = (self.k.shape[0], rows, self.k.shape[2], length, self.k.shape[4])
+        new.k = torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
+        new.v = torch.zeros(shape, dtype=self.v.dtype, device=self.v.device)
+        old_rows, old_length = self.k.shape[1], self.k.shape[3]
+        new.k[:, :old_rows, :, :old_length] = self.k
+        new.v[:, :old_rows, :, :old_length] = self.v
+        new.filled = self.filled
+        return new
+
+    def move_row(self, src: int, dst: int, positions: int) -> None:
+        """Copy row ``src``'s first ``positions`` positions into row ``dst``."""
+        self.k[:, dst, :, :positions] = self.k[:, src, :, :positions]
+        self.v[:, dst, :, :positions] = self.v[:, src, :, :positions]
+
     def repeat_first_row(self) -> None:
         """Copy sequence 0's cache into every other row (one prefill for n samples)."""
         self.k[:, 1:] = self.k[:, :1]
