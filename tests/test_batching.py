@@ -29,8 +29,11 @@ def tiny(tiny_model_dir):
     return load("tiny-llama")
 
 
-def test_requests_decoded_together_write_what_each_writes_alone(tiny):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-decoder", "decode-step"])
+def test_requests_decoded_together_write_what_each_writes_alone(tiny, fused):
     batcher = Batcher(tiny)
+    assert batcher.fused  # the tiny model is llama-shaped: the fused decoder supports it
+    batcher.fused = fused  # False: the per-row attention path of other llama-shaped models
     alone = [_key(batcher.generate(p, logprobs=2, **kw)[0]) for p, kw in REQUESTS]
     assert batcher.peak_batch == 1
     together: list = [None] * len(REQUESTS)
