@@ -816,6 +816,35 @@ def _dtype(row: dict) -> str:
     return f"{w} weights, {c} compute"
 
 
+def _setup(report: dict) -> list[str]:
+    """The training parts' setup (model, data, optimizer, repeats), shown when one of them ran."""
+    c = report["config"]
+    n = c["repeats"]
+    return [
+        "## Setup",
+        "",
+        f"- model `{c['model']}` on {c['device']}; data `{c['corpus']}` prepared and packed by tunesmith's own code "
+        f"(book pieces joined by a paragraph break, as `tunesmith train` does): {c['data']['train_blocks']} blocks",
+        f"- block {c['block_size']}, batch {c['batch_size']} ({c['block_size'] * c['batch_size']} tokens/step), LoRA r={c['lora_r']} "
+        f"alpha={c['lora_alpha']} on all linear layers, the same initial adapter, AdamW (fused) lr {c['lr']:g} cosine, grad-norm clip 1, "
+        "the same batches in the same order",
+        f"- the Trainer's labels are our blocks with our loss mask (every target tunesmith trains on, EOS and paragraph "
+        f"breaks included; each example is one block of {c['block_size'] + 1} tokens, the model shifts by one)",
+        f"- {c['steps']} optimizer steps per training run; tokens/s is the median step after the first {c['warmup_steps']}; "
+        f"validation loss: {c['valid_blocks']} held-out blocks scored after training by one function "
+        "(`tunesmith.train.evaluate`) in each row's compute dtype",
+        f"- each configuration run {n} time{'s' if n > 1 else ''}, interleaved (A B C A B C ...), each run in a fresh process; "
+        "tables show median (min-max)",
+        "",
+        f"Reduced to fit `make bench` in 35 minutes on 2 cores: {c['steps']} training steps per run, "
+        f"{c['valid_blocks']} validation blocks, {n} repeat{'s' if n > 1 else ''}, the estimate check on a small part of the book, "
+        + ("the Trainer with `torch_compile=True` included. " if c["hf_compile"] == "on" else
+           "the Trainer with `torch_compile=True` left out (see bench/NOTES.md). ")
+        + "Pass `--steps`, `--repeats`, `--hf-compile on` for longer runs.",
+        "",
+    ]
+
+
 def render(report: dict) -> str:
     m, c, s = report["machine"], report["config"], report["summary"]
     n = c["repeats"]
@@ -844,30 +873,9 @@ def render(report: dict) -> str:
                 f"- measured by torch's FLOP counter: {peaks['train_flops_per_token'] / 1e9:.3f} GFLOP per trained token "
                 f"(LoRA forward + backward, block {c['block_size']}), {peaks['decode_flops_per_token'] / 1e9:.3f} GFLOP per "
                 f"decoded token; {peaks['params'] / 1e6:.1f}M parameters, {peaks['trainable_params'] / 1e6:.2f}M trainable"]
-    out += [
-        "",
-        "## Setup",
-        "",
-        f"- model `{c['model']}` on {c['device']}; data `{c['corpus']}` prepared and packed by tunesmith's own code "
-        f"(book pieces joined by a paragraph break, as `tunesmith train` does): {c['data']['train_blocks']} blocks",
-        f"- block {c['block_size']}, batch {c['batch_size']} ({c['block_size'] * c['batch_size']} tokens/step), LoRA r={c['lora_r']} "
-        f"alpha={c['lora_alpha']} on all linear layers, the same initial adapter, AdamW (fused) lr {c['lr']:g} cosine, grad-norm clip 1, "
-        "the same batches in the same order",
-        f"- the Trainer's labels are our blocks with our loss mask (every target tunesmith trains on, EOS and paragraph "
-        f"breaks included; each example is one block of {c['block_size'] + 1} tokens, the model shifts by one)",
-        f"- {c['steps']} optimizer steps per training run; tokens/s is the median step after the first {c['warmup_steps']}; "
-        f"validation loss: {c['valid_blocks']} held-out blocks scored after training by one function "
-        "(`tunesmith.train.evaluate`) in each row's compute dtype",
-        f"- each configuration run {n} time{'s' if n > 1 else ''}, interleaved (A B C A B C ...), each run in a fresh process; "
-        "tables show median (min-max)",
-        "",
-        f"Reduced to fit `make bench` in 35 minutes on 2 cores: {c['steps']} training steps per run, "
-        f"{c['valid_blocks']} validation blocks, {n} repeat{'s' if n > 1 else ''}, the estimate check on a small part of the book, "
-        + ("the Trainer with `torch_compile=True` included. " if c["hf_compile"] == "on" else
-           "the Trainer with `torch_compile=True` left out (see bench/NOTES.md). ")
-        + "Pass `--steps`, `--repeats`, `--hf-compile on` for longer runs.",
-        "",
-    ]
+    out.append("")
+    if any(part in report for part in ("train", "generate", "estimate", "load")):  # what the training setup describes
+        out += _setup(report)
     rows = s.get("train", {})
     if rows:
         out += ["## Training", "",
