@@ -37,8 +37,9 @@ from .watch import EpochWatch
 # Pieces the loop (and the time estimate) use
 
 
-def build_model(cfg: TrainConfig):
-    """Return ``(model, tokenizer, device, compute_dtype)`` ready to train."""
+def build_model(cfg: TrainConfig, load_on: str | None = None):
+    """Return ``(model, tokenizer, device, compute_dtype)`` ready to train (its weights on
+    ``load_on`` where given: FSDP moves each rank's shards to ``device``)."""
     import torch
 
     from .device import pick_device, pick_dtype, setup_threads
@@ -49,7 +50,7 @@ def build_model(cfg: TrainConfig):
     compute = pick_dtype(device, cfg.dtype)
     # LoRA: the frozen base can live in the compute dtype; full: fp32 master weights.
     weights = compute if cfg.method == "lora" else torch.float32
-    model, tok = load_base(cfg.base, dtype=weights, device=device)
+    model, tok = load_base(cfg.base, dtype=weights, device=load_on or device)
     model.config.use_cache = False
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -580,7 +581,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
         raise TunesmithError("under FSDP tunesmith trains LoRA adapters only (--method lora)",
                              hint="train --method full in one process or data-parallel (DDP)")
     t_load = time.perf_counter()
-    model, tok, device, compute = build_model(cfg)
+    model, tok, device, compute = build_model(cfg, load_on="cpu" if procs.sharded else None)
     emit(TrainEvent("info", message=f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"))
 
     train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size, cfg.chat_loss)
@@ -622,6 +623,9 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     # the loss; with several ranks, DDP averages its gradients (or FSDP shards the decoder layers and the body)
     forward = procs.wrap(model, lm_loss, opt, units=[*_causal_lm(model).model.layers, _causal_lm(model).model])
     if procs.sharded:
+        for param in model.parameters():  # outside the FSDP units (an untied lm_head): whole on every rank
+            if param.device.type != torch.device(device).type:
+                param.data = param.data.to(device)
         emit(TrainEvent("info", message=f"sharded (FSDP) over {procs.world} processes: each takes its share of "
                                         f"the {cfg.batch_size} blocks of a step; no samples after each epoch"))
         samples = False  # generating would need every rank to decode in step with rank 0
