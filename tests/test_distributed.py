@@ -148,6 +148,18 @@ def test_fsdp_in_two_processes_matches_one_and_checkpoints_move_between_them(sin
     assert_same_run(run, single)
 
 
+def test_fsdp_ranks_with_unequal_micro_batches_keep_in_step(tmp_path, tiny_model_dir):
+    # 3 blocks a step, 1 per forward pass: rank 0 takes 2 passes, rank 1 takes 1 and a pass weighted 0
+    # (under FSDP every pass gathers weights from both ranks; one pass fewer would hang the other).
+    options = dict(OPTIONS, batch_size=3, micro_batch_size=1, epochs=1)
+    (tmp_path / "book.txt").write_text(TEXT)
+    result = _launch(tmp_path, {"data": str(tmp_path / "book.txt"), "out": str(tmp_path / "fsdp"), "options": options},
+                     kind=FSDP)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = tunesmith.finetune(tmp_path / "book.txt", out=tmp_path / "one", progress=False, samples=False, **options)
+    assert_same_run(Run(tmp_path / "fsdp"), single)
+
+
 def test_a_one_process_checkpoint_resumes_in_two_from_the_command_line(single, tmp_path):
     run = _cut_back_to(single, tmp_path / "run", 6)
     result = subprocess.run([sys.executable, "-m", "tunesmith", "train", "--resume", str(run.path),
