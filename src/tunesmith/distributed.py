@@ -6,6 +6,12 @@ method is a no-op, so a single-process run computes exactly what it always did. 
 that launcher), each rank trains the same model on a disjoint slice of every batch; DDP averages
 the gradients once per step, so every rank takes the same optimizer step. Only rank 0 writes the
 run directory.
+
+Where the launcher's configuration asks for FSDP, the model's decoder layers and its body are
+sharded over the ranks with FSDP2 (``fully_shard``) instead: each rank keeps its shard of the
+weights and optimizer state, the full tensors are gathered for a forward pass, and a checkpoint's
+weights and optimizer state are gathered whole on rank 0, so it is the same file as in DDP or one
+process.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class Processes:
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
+        # accelerate reports FSDP only on GPUs; its launcher's flag says what the configuration asked for
+        self.sharded = self.world > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
     @property
     def is_main(self) -> bool:
@@ -35,9 +43,11 @@ class Processes:
         """This rank's contiguous slice of a batch's block indices (the slices are disjoint and cover it)."""
         return index if self.world == 1 else np.array_split(index, self.world)[self.rank]
 
-    def wrap(self, model, loss):
+    def wrap(self, model, loss, opt=None, units=()):
         """``loss(model, *args)`` as a callable module: in several processes a DistributedDataParallel
-        module (DDP averages gradients when its forward's output is backpropagated)."""
+        module (DDP averages gradients when its forward's output is backpropagated). Under FSDP each
+        module of ``units`` (inner ones first, the outermost last) is sharded instead, and ``opt``
+        moves to the sharded parameters, its state included."""
         import torch
 
         class Loss(torch.nn.Module):
@@ -48,11 +58,57 @@ class Processes:
             def forward(self, *args):
                 return loss(self.model, *args)
 
+        if self.sharded:
+            self._shard(model, opt, units)
+            return Loss()
         return Loss() if self.world == 1 else self.accelerator.prepare_model(Loss())
 
+    def _shard(self, model, opt, units) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        names = {id(p): name for name, p in model.named_parameters()}
+        order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+        saved = opt.state_dict()  # whole tensors (a resumed checkpoint's), numbered in ``order``
+        for unit in units:
+            fully_shard(unit)
+        params = dict(model.named_parameters())  # the same names, now sharded
+        for group in opt.param_groups:
+            group["params"] = [params[names[id(p)]] for p in group["params"]]
+        opt.state.clear()
+        if saved["state"]:
+            set_optimizer_state_dict(model, opt, _by_name(saved, order), options=StateDictOptions(full_state_dict=True))
+
+    def gather(self, model, opt) -> tuple[dict | None, dict | None]:
+        """Under FSDP, the whole trainable weights (by name) and optimizer state (numbered as
+        ``opt.state_dict()`` numbers them) on rank 0, empty on the others; every rank must call it.
+        Otherwise ``(None, None)``: the model and optimizer hold them whole already."""
+        if not self.sharded:
+            return None, None
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights = get_model_state_dict(model, options=options)
+        state = get_optimizer_state_dict(model, opt, options=options)
+        return weights, (_by_index(state) if self.is_main else {})
+
+    def most(self, count: int) -> int:
+        """Under FSDP, the largest ``count`` of any rank (every forward pass gathers weights from
+        all ranks, so every rank runs as many as the busiest one); otherwise ``count``."""
+        if not self.sharded:
+            return count
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([count])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor)
+
     def no_sync(self, module, sync: bool):
-        """Inside: backward passes accumulate gradients locally; with ``sync`` the next backward averages them over ranks."""
-        return nullcontext() if self.world == 1 or sync else self.accelerator.no_sync(module)
+        """Inside: backward passes accumulate gradients locally; with ``sync`` the next backward averages them over ranks.
+        (FSDP reduces each backward's gradients into the shards.)"""
+        return nullcontext() if self.world == 1 or sync or self.sharded else self.accelerator.no_sync(module)
 
     def sum(self, tensor):
         """``tensor`` summed over ranks (every rank gets the sum)."""
@@ -77,6 +133,19 @@ class Processes:
         return box[0]
 
 
+def _by_name(state: dict, names: list[str]) -> dict:
+    """An optimizer state numbered as ``Optimizer.state_dict()`` numbers it, keyed by parameter name."""
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+
+
+def _by_index(state: dict) -> dict:
+    """The reverse of ``_by_name``: parameter names numbered in the order of the parameter groups."""
+    index = {name: i for i, name in enumerate(name for group in state["param_groups"] for name in group["params"])}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in state["param_groups"]]}
+
+
 _current: Processes | None = None
 
 
@@ -99,11 +168,11 @@ def _start(device: str) -> Processes:
     from .device import pick_device
 
     accelerator = Accelerator(cpu=pick_device(device) == "cpu")  # gloo on CPUs
-    if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+    if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
         raise TunesmithError(
-            f"tunesmith trains data-parallel (DDP) only; the accelerate configuration asks for "
+            f"tunesmith trains data-parallel (DDP) or sharded (FSDP) only; the accelerate configuration asks for "
             f"{accelerator.distributed_type.value}",
-            hint="launch with an accelerate configuration of distributed_type MULTI_GPU or MULTI_CPU (docs/SCALING.md)",
+            hint="launch with an accelerate configuration of distributed_type MULTI_GPU, MULTI_CPU or FSDP (docs/SCALING.md)",
         )
     return Processes(accelerator)
 

@@ -37,8 +37,9 @@ from .watch import EpochWatch
 # Pieces the loop (and the time estimate) use
 
 
-def build_model(cfg: TrainConfig):
-    """Return ``(model, tokenizer, device, compute_dtype)`` ready to train."""
+def build_model(cfg: TrainConfig, load_on: str | None = None):
+    """Return ``(model, tokenizer, device, compute_dtype)`` ready to train (its weights on
+    ``load_on`` where given: FSDP moves each rank's shards to ``device``)."""
     import torch
 
     from .device import pick_device, pick_dtype, setup_threads
@@ -49,7 +50,7 @@ def build_model(cfg: TrainConfig):
     compute = pick_dtype(device, cfg.dtype)
     # LoRA: the frozen base can live in the compute dtype; full: fp32 master weights.
     weights = compute if cfg.method == "lora" else torch.float32
-    model, tok = load_base(cfg.base, dtype=weights, device=device)
+    model, tok = load_base(cfg.base, dtype=weights, device=load_on or device)
     model.config.use_cache = False
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -197,13 +198,14 @@ def train_step(model, opt, sched, blocks, batch_idx, cfg: TrainConfig, device, c
     total_loss = torch.zeros((), device=device)
     total_correct = torch.zeros((), dtype=torch.int64, device=device)
     starts = range(0, len(mine), micro)
-    for start in starts:
-        part = slice(start, start + micro)
+    passes = procs.most(len(starts))  # FSDP: as many passes on every rank, the extra ones weighted 0
+    for n in range(passes):
+        part, weight = (slice(starts[n], starts[n] + micro), ranks) if n < len(starts) else (slice(0, 1), 0)
         seg, pos = (segments[part], positions[part]) if segments is not None else (None, None)
-        with procs.no_sync(forward, sync=start == starts[-1]):
+        with procs.no_sync(forward, sync=n == passes - 1):
             loss_sum, correct, _ = forward(ids[part], mask[part], compute_dtype, seg, pos)
-            (loss_sum * ranks / max(n_targets, 1)).backward()
-        if ranks:
+            (loss_sum * weight / max(n_targets, 1)).backward()
+        if weight:
             total_loss += loss_sum.detach()
             total_correct += correct
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -232,13 +234,15 @@ def evaluate(model, blocks, cfg: TrainConfig, device, compute_dtype, procs=None)
     mine = procs.shard(np.arange(len(blocks)))
     with torch.no_grad():
         micro = micro_batch_size(cfg, device)
-        for start in range(0, len(mine), micro):
-            part = mine[start : start + micro]
+        starts = range(0, len(mine), micro)
+        for i in range(procs.most(len(starts))):  # FSDP: as many passes on every rank, the extra ones not counted
+            part = mine[starts[i] : starts[i] + micro] if i < len(starts) else np.arange(1)
             ids = torch.from_numpy(blocks.ids[part]).to(device)
             mask = torch.from_numpy(blocks.mask[part]).to(device)
             segments, positions = _segments(blocks, part, device)
             loss_sum, c, n = lm_loss(model, ids, mask, compute_dtype, segments, positions)
-            loss, correct, count = loss + loss_sum.item(), correct + int(c), count + n
+            if i < len(starts):
+                loss, correct, count = loss + loss_sum.item(), correct + int(c), count + n
     model.train(was_training)
     loss, correct, count = procs.sum(torch.tensor([loss, correct, count], dtype=torch.float64)).tolist()
     mean = loss / max(count, 1)
@@ -573,8 +577,11 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     procs = processes(cfg.device)  # one process, or this rank of several: only rank 0 reports and writes
     if not procs.is_main:
         emit, show_progress, samples = (lambda event: None), False, False
+    if procs.sharded and cfg.method != "lora":
+        raise TunesmithError("under FSDP tunesmith trains LoRA adapters only (--method lora)",
+                             hint="train --method full in one process or data-parallel (DDP)")
     t_load = time.perf_counter()
-    model, tok, device, compute = build_model(cfg)
+    model, tok, device, compute = build_model(cfg, load_on="cpu" if procs.sharded else None)
     emit(TrainEvent("info", message=f"loaded {cfg.base} on {device} ({str(compute).replace('torch.', '')}) in {time.perf_counter() - t_load:.1f}s"))
 
     train_blocks, valid_blocks = pack_data(prepared, tok, cfg.block_size, cfg.chat_loss)
@@ -609,12 +616,20 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
             append_jsonl(run.path / "metrics.jsonl", row)
         rows_logged += 1
 
-    compiled = wants_compile(cfg, device, total_steps * cfg.batch_size * cfg.block_size)
+    compiled = wants_compile(cfg, device, total_steps * cfg.batch_size * cfg.block_size) and not procs.sharded
     if compiled:
         compile_layers(model)
         emit(TrainEvent("info", message="compiling the decoder layers (the first step takes ~20 s longer)"))
-    forward = procs.wrap(model, lm_loss)  # the loss; with several ranks, DDP averages its gradients
-    if procs.world > 1:
+    # the loss; with several ranks, DDP averages its gradients (or FSDP shards the decoder layers and the body)
+    forward = procs.wrap(model, lm_loss, opt, units=[*_causal_lm(model).model.layers, _causal_lm(model).model])
+    if procs.sharded:
+        for param in model.parameters():  # outside the FSDP units (an untied lm_head): whole on every rank
+            if param.device.type != torch.device(device).type:
+                param.data = param.data.to(device)
+        emit(TrainEvent("info", message=f"sharded (FSDP) over {procs.world} processes: each takes its share of "
+                                        f"the {cfg.batch_size} blocks of a step; no samples after each epoch"))
+        samples = False  # generating would need every rank to decode in step with rank 0
+    elif procs.world > 1:
         emit(TrainEvent("info", message=f"data-parallel over {procs.world} processes: "
                                         f"each takes its share of the {cfg.batch_size} blocks of a step"))
 
@@ -639,6 +654,7 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
     epoch_end: tuple[int, int] | None = None
 
     def checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
+        weights, optimizer = procs.gather(model, opt)  # under FSDP, on every rank
         if not procs.is_main:
             return
         rows, n_samples = epoch_end or (rows_logged, len(sample_log))
@@ -646,7 +662,8 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                  "samples": sample_log[:n_samples], "before": before, "after": after, "best": best,
                  "device": str(device), "dtype": str(compute)}
         try:
-            path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra)
+            path = save_checkpoint(run, model, opt, sched, cfg, step, epoch, batch_in_epoch, extra=extra,
+                                   weights=weights, optimizer=optimizer)
         except DiskFull as err:  # the newest complete checkpoint stands
             newest = run.checkpoints()[-1]["step"] if run.checkpoints() else None
             raise TunesmithError(f"{err.message}; training stopped at step {step}" + (
@@ -704,8 +721,9 @@ def _train(run: Run, cfg: TrainConfig, prepared: dict, emit, should_stop, show_p
                     bar.note(f"epoch {epoch + 1}: validation loss {after['loss']:.3f}, perplexity {after['perplexity']:.2f}")
                     if best is None or after["loss"] < best["validation_loss"]:
                         best = {"step": step, "validation_loss": after["loss"]}
+                        weights, _ = procs.gather(model, opt)  # under FSDP, on every rank
                         if procs.is_main:
-                            save_best(run, model, cfg, best)
+                            save_best(run, model, cfg, best, weights)
                 stop.check()
                 samples_now = []
                 if samples and prompts:
@@ -798,10 +816,11 @@ def _sync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run: Run, model, opt, sched, cfg: TrainConfig, step: int, epoch: int, batch_in_epoch: int,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, weights: dict | None = None, optimizer: dict | None = None) -> Path:
     """Write checkpoints/step-N (weights + everything an exact resume needs), then publish its
     weights as the run's current weights, and keep the newest ``cfg.keep_checkpoints``. Each
-    directory appears whole or not at all, and is on disk before it appears."""
+    directory appears whole or not at all, and is on disk before it appears. ``weights`` and
+    ``optimizer``, where given, stand for the model's and optimizer's own (gathered from shards)."""
     import torch
 
     target = run.path / "checkpoints" / f"step-{step:06d}"
@@ -810,13 +829,13 @@ def save_checkpoint(run: Run, model, opt, sched, cfg: TrainConfig, step: int, ep
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp / weights_name)
+        model.save_pretrained(tmp / weights_name, **({} if weights is None else {"state_dict": weights}))
         torch.save(
             {
                 "step": step,
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,  # data position: batches of this epoch already done
-                "optimizer": opt.state_dict(),
+                "optimizer": opt.state_dict() if optimizer is None else optimizer,
                 "scheduler": sched.state_dict(),
                 "rng": rng,
                 **(extra or {}),
@@ -832,11 +851,11 @@ def save_checkpoint(run: Run, model, opt, sched, cfg: TrainConfig, step: int, ep
     return target
 
 
-def save_best(run: Run, model, cfg: TrainConfig, best: dict) -> None:
-    """Publish the current weights as best/ (the lowest validation loss so far), with best.json
-    naming the step and the loss."""
+def save_best(run: Run, model, cfg: TrainConfig, best: dict, weights: dict | None = None) -> None:
+    """Publish the current weights (or ``weights``, gathered from shards) as best/ (the lowest
+    validation loss so far), with best.json naming the step and the loss."""
     with atomic_dir(run.path / "best", overwrite=True) as tmp:
-        model.save_pretrained(tmp / _weights_name(cfg))
+        model.save_pretrained(tmp / _weights_name(cfg), **({} if weights is None else {"state_dict": weights}))
         write_json(tmp / "best.json", best)
         _sync_dir(tmp)
 
