@@ -194,3 +194,21 @@ def test_a_model_in_training_keeps_transformers_forward(tiny_model_dir):
     lora = get_peft_model(net, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert Model(lora, tok, name="lora").decoder is None
     assert not supports(lora.get_base_model())  # LoRA layers in place of nn.Linear
+
+
+def test_one_row_product_has_the_bits_of_that_row_in_a_batch():
+    """A one-row step takes the matrix-vector path; with oneDNN on (how generation runs bf16
+    steps of one row, and how the server's batch runs) it must give each row the bits that
+    row gets in a batched product, or a request would write other text alone than beside others."""
+    import torch
+
+    from tunesmith.decoder import _Linear
+
+    torch.manual_seed(0)
+    assert torch.backends.mkldnn.enabled
+    for out_features, in_features in ((960, 576), (3072, 576), (576, 1536), (4096, 576)):
+        layer = _Linear(torch.randn(out_features, in_features, dtype=torch.bfloat16))
+        rows = torch.randn(4, 1, in_features, dtype=torch.bfloat16)
+        batched = layer(rows)
+        for r in range(4):
+            assert torch.equal(layer(rows[r : r + 1]), batched[r : r + 1])

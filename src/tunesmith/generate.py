@@ -176,6 +176,9 @@ class Model:
         if params.repetition_penalty != 1.0:
             seen = torch.empty((n, prompt_len + params.max_tokens), dtype=torch.long, device=self.device)
             seen[:, :prompt_len] = input_ids
+        # PyTorch's own bf16 kernels for the steps of a few rows, except one row on the fused
+        # decoder: its matrix-vector products are fastest with oneDNN (decoder._Linear).
+        small = self._cpu_bf16 and n <= SMALL_DECODE_ROWS and not (n == 1 and self.decoder is not None)
         with torch.inference_mode():
             prefill, step = self._stepper(input_ids, n, prompt_len + params.max_tokens)
             with self._kernels(small=False):
@@ -188,7 +191,7 @@ class Model:
                     break  # the last token needs no forward pass after it
                 if seen is not None:
                     seen[:, length] = token
-                with self._kernels(small=self._cpu_bf16 and n <= SMALL_DECODE_ROWS):
+                with self._kernels(small=small):
                     logits = step(token)
 
     def _stepper(self, input_ids, n: int, positions: int):
