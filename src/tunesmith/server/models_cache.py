@@ -90,6 +90,31 @@ def load_source(source: str, quant: str | None = None) -> Any:
     return Model(net, tok, name=f"{run.name}:{path.name}", path=path, base=run.config.get("base"))
 
 
+def _in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a thread that ends when it returns.
+
+    OpenMP (libgomp, under PyTorch's CPU kernels) keeps a pool of worker threads for every thread
+    that has run a parallel region, for as long as that thread lives; once a process holds more
+    of them than it has CPUs, no pool spins between regions, and the decoding loop's steps took
+    45 ms instead of 26 (bench/NOTES.md). A request's thread lives on in the server's thread
+    pool after loading a model; this one does not, so the decoding loop's pool stays the only one.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="tunesmith-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class ModelCache:
     def __init__(self, max_bytes: int | None = None, loader: Callable[[str], Any] | None = None,
                  sizer: Callable[[Any], int] = model_bytes, quant: str | None = None, warm: bool = False):
@@ -106,7 +131,7 @@ class ModelCache:
     def _load(self, source: str) -> Any:
         if self._loader:
             return self._loader(source)
-        model = load_source(source, self._quant)
+        model = _in_own_thread(load_source, source, self._quant)
         if self._warm and hasattr(model, "warm"):
             # the compiled decoding step is built beside the requests; they decode eagerly until it is ready
             threading.Thread(target=model.warm, name="tunesmith-warm", daemon=True).start()
