@@ -448,11 +448,12 @@ def _sample(logits, seen, params: SamplingConfig, generator, logprobs: int | Non
     import torch
 
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    shaped = _shape_logits(logits, seen, params)
+    values, ids = _candidates(logits, seen, params)
     if params.temperature == 0:
-        token = shaped.argmax(dim=-1)
+        token = values.argmax(dim=-1)
     else:
-        token = torch.multinomial(shaped.softmax(-1), 1, generator=generator).squeeze(1)
+        token = torch.multinomial(values.softmax(-1), 1, generator=generator)
+        token = (token if ids is None else ids.gather(1, token)).squeeze(1)
     lp = (logits.gather(1, token[:, None]) - log_norm).squeeze(1)
     top = None
     if logprobs:
@@ -467,8 +468,22 @@ def _sample(logits, seen, params: SamplingConfig, generator, logprobs: int | Non
 def _shape_logits(logits, seen, params: SamplingConfig):
     """The logits sampling draws from: the repetition penalty on ``seen`` ids (a positive logit is
     divided by it, a negative one multiplied, once per id), then, unless greedy, temperature,
-    top-k, and top-p (the smallest set of most likely tokens whose probability reaches top_p);
-    removed tokens get -inf."""
+    top-k (the k most likely), and top-p (the smallest set of most likely tokens whose
+    probability reaches top_p); removed tokens get -inf."""
+    import torch
+
+    values, ids = _candidates(logits, seen, params)
+    if ids is None:
+        return values
+    return torch.full_like(logits, float("-inf")).scatter(1, ids, values)
+
+
+def _candidates(logits, seen, params: SamplingConfig):
+    """``_shape_logits`` over the tokens top-k and top-p may keep: ``(values, ids)``, the shaped
+    logits of each row's candidates (most likely first, -inf for the ones the row drops) and their
+    token ids; ``ids`` is None when every token is a candidate (values: the whole vocabulary).
+    Sampling among a few hundred candidates instead of the vocabulary saves a multinomial draw
+    over 49,152 probabilities per row and step."""
     import torch
 
     if seen is not None:
@@ -477,27 +492,31 @@ def _shape_logits(logits, seen, params: SamplingConfig):
         picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
         logits.scatter_(1, seen, picked)
     if params.temperature == 0:
-        return logits
+        return logits, None
     logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    values, ids = logits, None
     if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, ids = torch.topk(logits, min(params.top_k, vocab), dim=-1)
     if params.top_p < 1.0:
-        # The most likely tokens first: a partial sort (top-k) of a few hundred candidates, widened
-        # until the last candidate is dropped in every row, costs a tenth of sorting the vocabulary.
-        vocab = logits.shape[-1]
-        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        k = min(TOP_P_CANDIDATES, vocab)
-        while True:
-            sorted_logits, order = torch.topk(logits, k, dim=-1)
-            probs = (sorted_logits - log_norm).exp()
+        if ids is not None:  # top-p within the top-k: probabilities renormalised over them
+            probs = values.softmax(-1)
             drop = probs.cumsum(-1) - probs >= params.top_p  # the mass above this token already reaches top_p
-            if k == vocab or bool(drop[:, -1].all()):
-                break
-            k = min(vocab, 8 * k)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return logits
+        else:
+            # The most likely tokens first: a partial sort (top-k) of a few hundred candidates,
+            # widened until the last candidate is dropped in every row, costs a tenth of sorting
+            # the vocabulary.
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            k = min(TOP_P_CANDIDATES, vocab)
+            while True:
+                values, ids = torch.topk(logits, k, dim=-1)
+                probs = (values - log_norm).exp()
+                drop = probs.cumsum(-1) - probs >= params.top_p
+                if k == vocab or bool(drop[:, -1].all()):
+                    break
+                k = min(vocab, 8 * k)
+        values = values.masked_fill(drop, float("-inf"))
+    return values, ids
 
 
 class _KernelSwitch:
