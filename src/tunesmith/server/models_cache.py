@@ -90,6 +90,15 @@ def load_source(source: str, quant: str | None = None) -> Any:
     return Model(net, tok, name=f"{run.name}:{path.name}", path=path, base=run.config.get("base"))
 
 
+def _load_ready(source: str, quant: str | None) -> Any:
+    """``load_source``, with a language model's fused decoder built too (it is built on first use
+    otherwise, on whichever thread asks first)."""
+    model = load_source(source, quant)
+    if hasattr(model, "decoder"):
+        model.decoder  # noqa: B018 - built here, on the loading thread
+    return model
+
+
 def _in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in a thread that ends when it returns.
 
@@ -131,7 +140,7 @@ class ModelCache:
     def _load(self, source: str) -> Any:
         if self._loader:
             return self._loader(source)
-        model = _in_own_thread(load_source, source, self._quant)
+        model = _in_own_thread(_load_ready, source, self._quant)
         if self._warm and hasattr(model, "warm"):
             # the compiled decoding step is built beside the requests; they decode eagerly until it is ready
             threading.Thread(target=model.warm, name="tunesmith-warm", daemon=True).start()
