@@ -158,8 +158,6 @@ def test_calibration_measures_once_and_is_cached(tunesmith_home, tiny_model_dir,
                  "finish_seconds", "sample_prefill_seconds"):
         assert first[name] > 0, name
     assert first["micro_batch"] == 2 and first["tokens_per_second"] == pytest.approx(2 * 16 / (2 * first["block_seconds"]))
-    # A forward pass is cheaper than a forward and backward pass with an optimizer step.
-    assert first["eval_block_seconds"] < first["block_seconds"]
 
     import tunesmith.train
 
