@@ -93,6 +93,12 @@ def test_dry_run_estimates_without_training(tmp_path, tiny_model_dir):
     assert not (tmp_path / "run").exists()
 
 
+def _default_sigint() -> None:
+    """The child takes Ctrl-C as a terminal would deliver it, even when this test run was started
+    in the background, where the shell ignores SIGINT and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_training_cleanly(tmp_path, tiny_model_dir):
     """A real SIGINT to a real process: exit 130, no traceback, last checkpoint usable."""
     book = _book(tmp_path)
@@ -102,6 +108,7 @@ def test_ctrl_c_stops_training_cleanly(tmp_path, tiny_model_dir):
         [sys.executable, "-m", "tunesmith.cli", "train", str(book), "--base", "tiny-llama", "--out", str(run),
          "--epochs", "200", "--block-size", "32", "--batch-size", "1", "--save-every", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=_default_sigint,
     )
     deadline = time.time() + 120
     while time.time() < deadline:

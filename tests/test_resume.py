@@ -300,6 +300,12 @@ def test_a_job_whose_worker_was_killed_resumes_on_retry(tunesmith_home):
     assert all(torch.allclose(w_ours[k], w_theirs[k], rtol=0, atol=BF16_WEIGHT_ATOL) for k in w_theirs)
 
 
+def _default_sigint() -> None:
+    """The child takes Ctrl-C as a terminal would deliver it, even when this test run was started
+    in the background, where the shell ignores SIGINT and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_the_command_line_checkpoints_a_finished_step(tmp_path, tiny_model_dir):
     """A real SIGINT lands anywhere in a step; training stops after that step, and the checkpoint,
     the metrics and the data position agree."""
@@ -308,7 +314,8 @@ def test_ctrl_c_on_the_command_line_checkpoints_a_finished_step(tmp_path, tiny_m
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(book), "--out", str(out), "--base",
                              "tiny-llama", "--block-size", "64", "--batch-size", "2", "--epochs", "50", "--dtype", "fp32"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
         assert proc.poll() is None and time.monotonic() < deadline, "training never started"
