@@ -208,7 +208,51 @@ def test_one_row_product_has_the_bits_of_that_row_in_a_batch():
     assert torch.backends.mkldnn.enabled
     for out_features, in_features in ((960, 576), (3072, 576), (576, 1536), (4096, 576)):
         layer = _Linear(torch.randn(out_features, in_features, dtype=torch.bfloat16))
-        rows = torch.randn(4, 1, in_features, dtype=torch.bfloat16)
-        batched = layer(rows)
-        for r in range(4):
-            assert torch.equal(layer(rows[r : r + 1]), batched[r : r + 1])
+        rows = torch.randn(300, 1, in_features, dtype=torch.bfloat16)
+        alone = torch.cat([layer(rows[r : r + 1]) for r in range(len(rows))])
+        # a step's batch, a prompt, prompts prefilled together (more than one block of rows)
+        for count in (2, 4, 16, 40, 129, 300):
+            assert torch.equal(layer(rows[:count]), alone[:count]), count
+        assert torch.equal(layer(rows[:40].reshape(2, 20, in_features)), alone[:40].reshape(2, 20, -1))
+    assert layer.packed is not None  # the rows took oneDNN's reordered weights
+
+
+def _prefill_matches_forward(m, prompts, exact: bool = True):
+    """Prompts prefilled together, into rows of one cache in another order, give each the logits
+    and cache rows that ``forward`` gives it alone: bit for bit in bf16 (oneDNN's products keep
+    rows apart), within float rounding in fp32 (MKL's products do not)."""
+    same = torch.equal if exact else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    dec = m.decoder
+    ids = [m._encode(p)[0] for p in prompts]
+    rows = list(range(len(ids)))[::-1]
+    with torch.inference_mode():
+        shared = dec.new_cache(len(ids) + 1, 256)
+        together = dec.prefill(ids, shared, rows)
+        for i, prompt_ids in enumerate(ids):
+            cache = dec.new_cache(1, 256)
+            alone = dec.forward(prompt_ids[None], cache)
+            t = len(prompt_ids)
+            assert same(together[i], alone[0]), prompts[i]
+            assert same(shared.k[:, rows[i], :, :t], cache.k[:, 0, :, :t])
+            assert same(shared.v[:, rows[i], :, :t], cache.v[:, 0, :, :t])
+    return together
+
+
+PROMPTS = [PROMPT, "Call me Ishmael.", "A", "The harbour at night " * 12, "Some years ago, never mind how long"]
+
+
+def test_prompts_prefilled_together_hold_the_bits_of_each_alone(tiny_model_dir):
+    for dtype in ("bfloat16", "float32"):
+        m = load("tiny-llama", dtype=dtype)
+        logits = _prefill_matches_forward(m, PROMPTS, exact=dtype == "bfloat16")
+        assert logits.shape == (len(PROMPTS), m.model.config.vocab_size)
+        # and they are the model's own logits (transformers' forward, each prompt alone)
+        with torch.inference_mode():
+            ref = _hf_logits(m.model, m._encode(PROMPTS[1]), [])[0][0]
+        tol = 1e-4 if dtype == "float32" else 0.05
+        torch.testing.assert_close(logits[1], ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.real_model
+def test_real_model_prompts_prefilled_together_hold_the_bits_of_each_alone(real_base_dir):
+    _prefill_matches_forward(load("smollm2-135m"), PROMPTS + ["To Sherlock Holmes she is always the woman. " * 4])

@@ -36,6 +36,10 @@ from .errors import TunesmithError
 from .generate import Chunk, Completion, Model, _kernels, _sample, _Text
 
 MAX_BATCH = 16  # sequences decoded together; more wait for a row
+# Prompt tokens prefilled together in one pass (the fused decoder); more wait for the next step.
+PREFILL_TOKENS = 4096
+# The longest an idle loop waits for requests the server has admitted but not yet submitted.
+GATHER_SECONDS = 0.05
 
 
 @dataclass
@@ -195,10 +199,15 @@ def decode_step(net, tokens, positions, seqs: list[_Seq]):
 class Batcher:
     """The decoding loop of one loaded model, shared by every request for it."""
 
-    def __init__(self, model: Model, max_batch: int = MAX_BATCH, linger: float = 30.0):
+    def __init__(self, model: Model, max_batch: int = MAX_BATCH, linger: float = 30.0,
+                 arriving: Callable[[], int] | None = None):
         self._model = weakref.ref(model)  # the loop holds the model only while it runs (and lingers)
         self.max_batch = max_batch
         self.linger = linger  # seconds the loop's thread waits for new work before it ends
+        # How many requests are on their way to submit() (the server counts them from admission):
+        # an idle loop gives them up to GATHER_SECONDS to arrive, so requests sent together are
+        # prefilled together. A request alone waits for nothing.
+        self._arriving = arriving
         self._cond = threading.Condition()
         self._pending: list[Request] = []
         self._thread: threading.Thread | None = None
@@ -271,13 +280,20 @@ class Batcher:
 
     # -- the loop --------------------------------------------------------------------------
     def _take_newcomers(self, free: int) -> list[Request]:
+        """The waiting requests that fit in ``free`` rows, in order, with at most
+        PREFILL_TOKENS prompt tokens in all (the first one whatever its length)."""
         with self._cond:
             self._pending = [r for r in self._pending if not r.cancelled]
-            taken = []
+            taken: list[Request] = []
+            tokens = 0
             while self._pending and self._pending[0].n <= free:
+                size = len(self._pending[0].prompt_ids)
+                if taken and tokens + size > PREFILL_TOKENS:
+                    break
                 request = self._pending.pop(0)
                 taken.append(request)
                 free -= request.n
+                tokens += size
             return taken
 
     def _loop(self, model: Model) -> None:
@@ -293,7 +309,16 @@ class Batcher:
                         self._thread = None
                         self._cache = None
                         return
-            for request in self._take_newcomers(self.max_batch - len(active)):
+            if not active:
+                self._gather()
+            newcomers = self._take_newcomers(self.max_batch - len(active))
+            if newcomers and self.fused:
+                try:
+                    active.extend(self._prefill_fused(model, newcomers, len(active)))
+                except Exception as exc:  # noqa: BLE001 - reported to the requests of that prefill
+                    for request in newcomers:
+                        request.sink(Event("error", 0, error=exc))
+            for request in newcomers if not self.fused else ():
                 try:
                     active.extend(self._prefill(model, request, len(active)))
                 except Exception as exc:  # noqa: BLE001 - reported to the request
@@ -310,6 +335,14 @@ class Batcher:
                     seq.done = True
                     seq.request.sink(Event("error", seq.index, error=exc))
             active = running
+
+    def _gather(self) -> None:
+        """Wait (at most GATHER_SECONDS) while requests are still on their way to submit()."""
+        if self._arriving is None:
+            return
+        deadline = time.monotonic() + GATHER_SECONDS
+        while self._arriving() > 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _keep(self, seqs: list[_Seq]) -> list[_Seq]:
         """The sequences still running, in order; on the fused path each moves down to the row
@@ -338,28 +371,42 @@ class Batcher:
         else:
             self._cache = cache.grown(want_rows, want_length)
 
+    def _prefill_fused(self, model: Model, requests: list[Request], first_row: int) -> list[_Seq]:
+        """Run the newcomers' prompts in one ``Decoder.prefill`` (each prompt once, its weights
+        read once for all of them), give each of a request's sequences a copy of its cache row
+        and sample their first tokens. The sequences take rows ``first_row`` on, in order."""
+        import torch
+
+        rows, row = [], first_row
+        for request in requests:
+            rows.append(row)
+            row += request.n
+        positions = max(len(r.prompt_ids) + r.params.max_tokens for r in requests)
+        self._rows(model, row, positions)
+        prompts = [torch.tensor(r.prompt_ids, device=model.device) for r in requests]
+        with torch.inference_mode(), _kernels(small=False):
+            logits = model.decoder.prefill(prompts, self._cache, rows)
+        seqs = []
+        for i, (request, start) in enumerate(zip(requests, rows)):
+            length = len(request.prompt_ids)
+            for index in range(request.n):
+                if index:
+                    self._cache.move_row(start, start + index, length)
+                seq = _Seq(request, index, model, None, length)
+                seq.row = start + index
+                with torch.inference_mode():
+                    seq.take(logits[i : i + 1])
+                seqs.append(seq)
+        return seqs
+
     def _prefill(self, model: Model, request: Request, first_row: int) -> list[_Seq]:
         """Run the prompt once, give each of the request's sequences a copy of its cache and its
-        first token. On the fused path the sequences take rows ``first_row`` on."""
+        first token (models without the fused decoder)."""
         import torch
         from transformers import DynamicCache
 
         ids = torch.tensor([request.prompt_ids], device=model.device)
         length = ids.shape[1]
-        if self.fused:
-            self._rows(model, first_row + request.n, length + request.params.max_tokens)
-            with torch.inference_mode(), _kernels(small=False):
-                logits = model.decoder.forward(ids, self._cache.rows(first_row, first_row + 1))
-            seqs = []
-            for index in range(request.n):
-                if index:
-                    self._cache.move_row(first_row, first_row + index, length)
-                seq = _Seq(request, index, model, None, length)
-                seq.row = first_row + index
-                with torch.inference_mode():
-                    seq.take(logits)
-                seqs.append(seq)
-            return seqs
         cache = DynamicCache()
         with torch.inference_mode(), _kernels(small=False):
             logits = model._forward(ids, cache, logits_to_keep=1).logits[:, -1, :].float()

@@ -116,18 +116,55 @@ class _Linear:
 
     weight: torch.Tensor
     scale: torch.Tensor | None = None
+    # oneDNN's own layout of a bf16 ``weight``, made on the first step of a few rows (see __call__)
+    packed: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
-            if x.numel() == x.shape[-1]:
+            rows = x.numel() // x.shape[-1]
+            if rows == 1:
                 # One row: a matrix-vector product. With oneDNN on it gives the bits oneDNN's
                 # matrix product gives that row (alone or in a batch), and reads the weights
                 # at 15.5 GB/s against 10.7 (measured here, bench/NOTES.md).
                 return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], self.weight.shape[0])
+            if self._pack():
+                # Several rows (a prompt, the server's batch, eval's samples): oneDNN on weights
+                # it reordered once, 21 ms a step's products for 4 rows against 29 for F.linear,
+                # which reorders them on every call. Each row gets the bits torch.mv gives it
+                # alone, whatever the other rows, in blocks of up to PACKED_BLOCK rows (F.linear's
+                # rows change with the row count from 40 rows on; bench/NOTES.md). So a prompt
+                # gives the same cache and logits alone or prefilled beside others.
+                flat = x.reshape(rows, x.shape[-1])
+                outs = [torch.ops.mkldnn._linear_pointwise(flat[r : r + PACKED_BLOCK], self.packed, None, "none", [], "")
+                        for r in range(0, rows, PACKED_BLOCK)]
+                out = outs[0] if len(outs) == 1 else torch.cat(outs)
+                return out.reshape(*x.shape[:-1], self.weight.shape[0])
             return F.linear(x, self.weight)
         shape = x.shape
         out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
         return out.reshape(*shape[:-1], self.weight.shape[0])
+
+
+    def _pack(self) -> bool:
+        """Make ``packed`` (once; False where oneDNN cannot: then F.linear is used). It holds a
+        second copy of the weight, so it is only made when a step of several rows runs."""
+        if self.packed is None:
+            if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" or not _onednn_bf16():
+                return False
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+        return True
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Rows per call on oneDNN's reordered weights: blocks of up to 128 rows give each row the bits
+# it gets alone; 160-256 rows did not for a (576, 1536) weight (measured, 2 threads).
+PACKED_BLOCK = 128
 
 
 def _fuse(parent, names: tuple[str, ...]) -> _Linear:
@@ -287,6 +324,43 @@ class Decoder:
             x = x + down(F.silu(g) * u)
         cache.filled = end
         return self.head(self._norm(x[:, -1:], self.norm))[:, -1].float()
+
+    def prefill(self, prompts: list[torch.Tensor], cache: KVCache, rows: list[int]) -> torch.Tensor:
+        """Run several prompts (1-D token ids) from position 0 in one pass, prompt ``i`` into row
+        ``rows[i]`` of ``cache``; float logits (prompts, vocab) of each one's last token.
+
+        The weight products run once over all the prompts' tokens (their weights are read once,
+        not once per prompt), attention runs per prompt over its own positions. Each prompt's
+        logits and cache rows hold the bits ``forward`` gives it alone (tested): a product's rows
+        do not depend on the other rows, and each attention call has the shapes it has alone.
+        (Padding the prompts to one length instead changes the bits of the shorter ones.)"""
+        lengths = [int(p.numel()) for p in prompts]
+        if max(lengths) > cache.length:
+            raise ValueError(f"the cache holds {cache.length} positions, {max(lengths)} needed")
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        x = F.embedding(torch.cat([p.reshape(-1) for p in prompts])[None], self.embed)
+        q_size, kv_size, heads, kv_heads, head_dim = self.q_size, self.kv_size, self.heads, self.kv_heads, self.head_dim
+        for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
+            h = qkv(self._norm(x, ln1))
+            outs = []
+            for start, t, row in zip(starts, lengths, rows):
+                seg = h[:, start : start + t]
+                cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
+                q = seg[..., :q_size].view(1, t, heads, head_dim).transpose(1, 2)
+                k = seg[..., q_size : q_size + kv_size].view(1, t, kv_heads, head_dim).transpose(1, 2)
+                v = seg[..., q_size + kv_size :].view(1, t, kv_heads, head_dim).transpose(1, 2)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                keys, values = cache.k[i, row : row + 1], cache.v[i, row : row + 1]
+                keys[:, :, :t] = k
+                values[:, :, :t] = v
+                attn = F.scaled_dot_product_attention(q, keys[:, :, :t], values[:, :, :t], is_causal=t > 1,
+                                                      scale=self.scaling, enable_gqa=True)
+                outs.append(attn.transpose(1, 2).reshape(1, t, q_size))
+            x = x + o(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+            g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
+            x = x + down(F.silu(g) * u)
+        last = x[0, [start + t - 1 for start, t in zip(starts, lengths)]][:, None]
+        return self.head(self._norm(last, self.norm))[:, -1].float()
 
     # -- the one-token step with a position per row (compiled by Model.warm) -------------------
     def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

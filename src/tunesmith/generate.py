@@ -176,9 +176,9 @@ class Model:
         if params.repetition_penalty != 1.0:
             seen = torch.empty((n, prompt_len + params.max_tokens), dtype=torch.long, device=self.device)
             seen[:, :prompt_len] = input_ids
-        # PyTorch's own bf16 kernels for the steps of a few rows, except one row on the fused
-        # decoder: its matrix-vector products are fastest with oneDNN (decoder._Linear).
-        small = self._cpu_bf16 and n <= SMALL_DECODE_ROWS and not (n == 1 and self.decoder is not None)
+        # PyTorch's own bf16 kernels for the steps of a few rows of transformers' forward pass;
+        # the fused decoder picks its own products, all oneDNN's (decoder._Linear).
+        small = self._cpu_bf16 and n <= SMALL_DECODE_ROWS and self.decoder is None
         with torch.inference_mode():
             prefill, step = self._stepper(input_ids, n, prompt_len + params.max_tokens)
             with self._kernels(small=False):

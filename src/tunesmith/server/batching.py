@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from concurrent.futures import Executor
 from typing import AsyncIterator
 
 from ..batching import Batcher, Event
 from ..config import SamplingConfig
+
+# An admitted request counts as on its way to a batch for at most this long.
+ARRIVAL_SECONDS = 2.0
 
 
 class Batching:
@@ -26,20 +30,36 @@ class Batching:
         self.max_batch = max_batch
         self._batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # gone with their model
         self._lock = threading.Lock()
+        self._arrivals: set[Arrival] = set()  # requests admitted and not yet submitted to a batcher
 
     def batcher(self, model) -> Batcher:
         with self._lock:
             found = self._batchers.get(model)
             if found is None:
-                found = self._batchers[model] = Batcher(model, self.max_batch)
+                found = self._batchers[model] = Batcher(model, self.max_batch, arriving=self.arriving)
             return found
+
+    def arrival(self) -> Arrival:
+        """Count a request from its admission until it reaches its batch (or fails first), so
+        an idle decoding loop waits briefly for requests sent together (Batcher._gather)."""
+        arrival = Arrival(self)
+        with self._lock:
+            self._arrivals.add(arrival)
+        return arrival
+
+    def arriving(self) -> int:
+        """Requests on their way to a batch; one counted for longer than ARRIVAL_SECONDS (a model
+        still loading, a request whose end was missed) no longer is."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for a in self._arrivals if now - a.since < ARRIVAL_SECONDS)
 
     def batchers(self) -> list[Batcher]:
         with self._lock:
             return list(self._batchers.values())
 
     async def events(self, model, prompt: str, sampling: dict, *, n: int = 1, logprobs: int | None = None,
-                     stream: bool = False) -> AsyncIterator[Event]:
+                     stream: bool = False, arrival: Arrival | None = None) -> AsyncIterator[Event]:
         """The events of ``n`` completions of ``prompt`` (``sampling``: SamplingConfig's fields) as
         the batch writes them, ending after the last one's ``done``. Closing the iterator early
         (a client that went away) frees the request's rows before the next step."""
@@ -58,8 +78,15 @@ class Batching:
                     request.cancel()
 
         batcher = self.batcher(model)
-        request = await loop.run_in_executor(
-            self.executor, lambda: batcher.submit(prompt, params, sink, n=n, logprobs=logprobs, stream=stream))
+
+        def submit():
+            try:
+                return batcher.submit(prompt, params, sink, n=n, logprobs=logprobs, stream=stream)
+            finally:
+                if arrival is not None:
+                    arrival.done()
+
+        request = await loop.run_in_executor(self.executor, submit)
         try:
             left = n
             while left:
@@ -71,3 +98,15 @@ class Batching:
                 yield event
         finally:
             request.cancel()
+
+
+class Arrival:
+    """One request counted by ``Batching.arriving``; ``done()`` (idempotent) stops counting it."""
+
+    def __init__(self, batching: Batching):
+        self._batching = batching
+        self.since = time.monotonic()
+
+    def done(self) -> None:
+        with self._batching._lock:
+            self._batching._arrivals.discard(self)

@@ -152,6 +152,7 @@ class Generator:
 
     async def handle_completion(self, gen: Generation) -> dict | StreamingResponse:
         ticket = self.queue.admit()
+        arrival = self.batching.arrival()  # counted until it reaches its batch (Batcher._gather)
         try:
             await ticket.acquire()
             index = None
@@ -164,21 +165,25 @@ class Generator:
             max_tokens = fit_context(model, max(prompt_tokens, 1), gen.max_tokens, gen.max_tokens_explicit)
             kwargs = {**gen.sampling, "max_tokens": max_tokens}
         except BaseException:
+            arrival.done()
             ticket.release()
             raise
         if gen.stream:
-            return sse_response(self.stream(gen, model, prompt, prompt_tokens, kwargs, ticket, index), ticket)
+            return sse_response(self.stream(gen, model, prompt, prompt_tokens, kwargs, ticket, index, arrival),
+                                ticket, arrival)
         try:
-            return await self.complete(gen, model, prompt, prompt_tokens, kwargs, index)
+            return await self.complete(gen, model, prompt, prompt_tokens, kwargs, index, arrival)
         finally:
+            arrival.done()
             ticket.release()
 
     async def complete(self, gen: Generation, model, prompt: str, prompt_tokens: int, kwargs: dict,
-                       index=None) -> dict:
+                       index=None, arrival=None) -> dict:
         fmt = gen.format
         cid, created = new_id(fmt.id_prefix), int(time.time())
         results: list = [None] * gen.n
-        async with aclosing(self.batching.events(model, prompt, kwargs, n=gen.n, logprobs=gen.logprobs or None)) as ev:
+        async with aclosing(self.batching.events(model, prompt, kwargs, n=gen.n, logprobs=gen.logprobs or None,
+                                                 arrival=arrival)) as ev:
             async for event in ev:
                 results[event.index] = event.completion
         choices = [fmt.choice(gen, i, c, prompt, model) for i, c in enumerate(results)]
@@ -196,7 +201,7 @@ class Generator:
         return len(prompt) if gen.echo and gen.format is TextFormat else 0
 
     async def stream(self, gen: Generation, model, prompt: str, prompt_tokens: int, kwargs: dict,
-                     ticket: Ticket, copy_index=None) -> AsyncIterator[bytes]:
+                     ticket: Ticket, copy_index=None, arrival=None) -> AsyncIterator[bytes]:
         fmt = gen.format
         cid, created = new_id(fmt.id_prefix), int(time.time())
 
@@ -210,7 +215,8 @@ class Generator:
                 for choice in fmt.opening(gen, index, prompt):
                     yield event([choice])
             text: list[list[str]] = [[] for _ in range(gen.n)]
-            async with aclosing(self.batching.events(model, prompt, kwargs, n=gen.n, stream=True)) as events:
+            async with aclosing(self.batching.events(model, prompt, kwargs, n=gen.n, stream=True,
+                                                     arrival=arrival)) as events:
                 async for ev in events:
                     if ev.kind != "chunk":
                         continue
@@ -230,6 +236,8 @@ class Generator:
         except Exception as exc:
             yield stream_error(exc)
         finally:
+            if arrival is not None:
+                arrival.done()
             ticket.release()
         yield b"data: [DONE]\n\n"
 
@@ -288,7 +296,12 @@ def stream_error(exc: BaseException) -> bytes:
     return sse({"error": err})
 
 
-def sse_response(events: AsyncIterator[bytes], ticket: Ticket) -> StreamingResponse:
+def sse_response(events: AsyncIterator[bytes], ticket: Ticket, arrival=None) -> StreamingResponse:
+    def release() -> None:  # also when the client went away before the stream started
+        if arrival is not None:
+            arrival.done()
+        ticket.release()
+
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-                             background=BackgroundTask(ticket.release))
+                             background=BackgroundTask(release))
