@@ -382,3 +382,36 @@ def test_a_pass_outside_decoding_steps_waits_until_onednn_is_back_on():
     other.join()
     assert seen == [("step", False), ("prefill", was)]
     assert torch.backends.mkldnn.enabled == was
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0.0},
+    {"temperature": 0.8, "top_p": 0.95},
+    {"temperature": 1.0, "top_k": 50},
+    {"temperature": 0.7, "top_k": 40, "top_p": 0.9},
+    {"temperature": 1.2},
+    {"temperature": 1.0, "top_p": 0.99},  # flat rows need more than the first 256 candidates
+])
+def test_rows_sampled_together_draw_what_each_draws_alone(settings):
+    """The server samples the rows of a step together, each with its own generator: every row must
+    get the token, logprob and top logprobs it gets sampled alone, bit for bit, step after step
+    (its generator is left where sampling alone leaves it)."""
+    import torch
+
+    from tunesmith.generate import SamplingParams, _sample, _sample_each
+
+    params = SamplingParams(**settings)
+    rows = torch.randn(5, 49152, generator=torch.Generator().manual_seed(2)) * torch.tensor(
+        [[6.0], [0.02], [3.0], [1.0], [0.05]])
+    together = [torch.Generator().manual_seed(100 + i) for i in range(5)]
+    alone = [torch.Generator().manual_seed(100 + i) for i in range(5)]
+    for _ in range(3):
+        tokens, lps, tops = _sample_each(rows, params, together, 3)
+        for i in range(5):
+            token, lp, top = _sample(rows[i : i + 1], None, params, alone[i], 3)
+            assert int(tokens[i]) == int(token[0])
+            assert torch.equal(lps[i : i + 1], lp)
+            assert tops[i] == top[0]
+    if settings.get("temperature") and not settings.get("top_k") and settings.get("top_p", 1.0) < 1.0:
+        # draws differ between rows (their own generators), and tokens lie within each row's top-p set
+        assert len({int(t) for t in tokens}) > 1

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 from .config import SamplingConfig
 from .errors import TunesmithError
-from .generate import Chunk, Completion, Model, _kernels, _sample, _Text
+from .generate import Chunk, Completion, Model, _kernels, _sample, _sample_each, _Text
 
 MAX_BATCH = 16  # sequences decoded together; more wait for a row
 # Prompt tokens prefilled together in one pass (the fused decoder); more wait for the next step.
@@ -110,9 +110,20 @@ class _Seq:
         """Sample this sequence's next token from its (1, vocab) float logits and report it."""
         token, lp, top = _sample(logits, None if self.seen is None else self.seen[:, : self.prompt_len + self.steps],
                                  self.params, self.generator, self.request.logprobs)
+        self.accept(int(token[0]), lp, top)
+
+    def shared_sampling(self):
+        """What sequences must share to be sampled together (``_sample_each``), or None for a
+        sequence sampled alone (a repetition penalty reads its own history)."""
+        if self.seen is not None:
+            return None
+        p = self.params
+        return p.temperature, p.top_k, p.top_p, self.request.logprobs
+
+    def accept(self, tid: int, lp, top) -> None:
+        """Report the sampled token ``tid`` (its logprob ``lp``, a (1,) tensor, and ``top``)."""
         if self.steps == 0:
             self.first = time.perf_counter() - self.request.submitted
-        tid = int(token[0])
         self.token = tid
         if self.seen is not None:
             self.seen[0, self.prompt_len + self.steps] = tid
@@ -444,10 +455,22 @@ class Batcher:
                     rows = [model._forward(torch.tensor([[s.token]], device=model.device), s.kv).logits[:, -1, :]
                             for s in seqs]
                     logits = torch.cat(rows).float()
+            groups: dict = {}
             for i, seq in enumerate(seqs):
                 seq.length += 1
                 if not seq.request.cancelled:
-                    seq.take(logits[i: i + 1])
+                    key = seq.shared_sampling()
+                    if key is None:
+                        seq.take(logits[i: i + 1])
+                    else:
+                        groups.setdefault(key, []).append(i)
+            for rows in groups.values():
+                first = seqs[rows[0]]
+                index = torch.tensor(rows, device=logits.device)
+                tokens, lps, tops = _sample_each(logits.index_select(0, index), first.params,
+                                                 [seqs[i].generator for i in rows], first.request.logprobs)
+                for j, i in enumerate(rows):
+                    seqs[i].accept(int(tokens[j]), lps[j : j + 1], None if tops is None else [tops[j]])
 
 
 def _copy_cache(cache):

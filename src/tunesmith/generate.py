@@ -447,7 +447,7 @@ def _sample(logits, seen, params: SamplingConfig, generator, logprobs: int | Non
     """
     import torch
 
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_norm = _log_norm(logits)
     values, ids = _candidates(logits, seen, params)
     if params.temperature == 0:
         token = values.argmax(dim=-1)
@@ -478,12 +478,62 @@ def _shape_logits(logits, seen, params: SamplingConfig):
     return torch.full_like(logits, float("-inf")).scatter(1, ids, values)
 
 
+def _log_norm(logits):
+    """logsumexp of each row, computed row by row: over several rows at once PyTorch splits the
+    work differently and a row's sum can differ in the last bit from that row's alone."""
+    import torch
+
+    if logits.shape[0] == 1:
+        return torch.logsumexp(logits, dim=-1, keepdim=True)
+    return torch.cat([torch.logsumexp(row, dim=-1, keepdim=True) for row in logits.split(1)])
+
+
+def _sample_each(logits, params: SamplingConfig, generators: list, logprobs: int | None):
+    """``_sample`` for rows that share ``params`` (without a repetition penalty) and draw from
+    generators of their own: row ``i`` gets what ``_sample(logits[i:i+1], None, params,
+    generators[i], logprobs)`` gives it (tested bit for bit), with the shaping done once for all
+    rows (the server's batch: 0.3 ms a row and step instead of 0.6)."""
+    import torch
+
+    log_norm = _log_norm(logits)
+    if params.temperature == 0:
+        token = logits.argmax(dim=-1)
+    else:
+        values, ids, short = _candidate_rows(logits, None, params, widen=False)
+        picked = []
+        for i, generator in enumerate(generators):
+            row_values, row_ids = values[i : i + 1], None if ids is None else ids[i : i + 1]
+            if short is not None and bool(short[i]):  # its candidates fell short of top_p: widen them alone
+                row_values, row_ids = _candidates(logits[i : i + 1], None, params)
+            row = torch.multinomial(row_values.softmax(-1), 1, generator=generator)
+            picked.append(row if row_ids is None else row_ids.gather(1, row))
+        token = torch.cat(picked).squeeze(1)
+    lp = (logits.gather(1, token[:, None]) - log_norm).squeeze(1)
+    top = None
+    if logprobs:
+        values, ids = torch.topk(logits, logprobs, dim=-1)
+        values = values - log_norm
+        top = [
+            {str(int(i)): float(v) for i, v in zip(row_ids, row_vals)} for row_ids, row_vals in zip(ids, values)
+        ]
+    return token, lp, top
+
+
 def _candidates(logits, seen, params: SamplingConfig):
     """``_shape_logits`` over the tokens top-k and top-p may keep: ``(values, ids)``, the shaped
     logits of each row's candidates (most likely first, -inf for the ones the row drops) and their
     token ids; ``ids`` is None when every token is a candidate (values: the whole vocabulary).
     Sampling among a few hundred candidates instead of the vocabulary saves a multinomial draw
     over 49,152 probabilities per row and step."""
+    values, ids, _ = _candidate_rows(logits, seen, params, widen=True)
+    return values, ids
+
+
+def _candidate_rows(logits, seen, params: SamplingConfig, widen: bool):
+    """``_candidates``, plus ``short``: for top-p without top-k, the rows whose candidates do not
+    reach top_p yet (a bool tensor; None where that cannot happen). ``widen`` takes more
+    candidates until no row is short; without it, short rows are the caller's to widen (alone,
+    so that every other row keeps the candidates, and the random draws, it has alone)."""
     import torch
 
     if seen is not None:
@@ -492,10 +542,10 @@ def _candidates(logits, seen, params: SamplingConfig):
         picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
         logits.scatter_(1, seen, picked)
     if params.temperature == 0:
-        return logits, None
+        return logits, None, None
     logits = logits / params.temperature
     vocab = logits.shape[-1]
-    values, ids = logits, None
+    values, ids, short = logits, None, None
     if params.top_k:
         values, ids = torch.topk(logits, min(params.top_k, vocab), dim=-1)
     if params.top_p < 1.0:
@@ -506,17 +556,18 @@ def _candidates(logits, seen, params: SamplingConfig):
             # The most likely tokens first: a partial sort (top-k) of a few hundred candidates,
             # widened until the last candidate is dropped in every row, costs a tenth of sorting
             # the vocabulary.
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            log_norm = _log_norm(logits)
             k = min(TOP_P_CANDIDATES, vocab)
             while True:
                 values, ids = torch.topk(logits, k, dim=-1)
                 probs = (values - log_norm).exp()
                 drop = probs.cumsum(-1) - probs >= params.top_p
-                if k == vocab or bool(drop[:, -1].all()):
+                short = None if k == vocab else ~drop[:, -1]
+                if short is None or not widen or not bool(short.any()):
                     break
                 k = min(vocab, 8 * k)
         values = values.masked_fill(drop, float("-inf"))
-    return values, ids
+    return values, ids, short
 
 
 class _KernelSwitch:
