@@ -208,6 +208,7 @@ def test_one_row_product_has_the_bits_of_that_row_in_a_batch():
     assert torch.backends.mkldnn.enabled
     for out_features, in_features in ((960, 576), (3072, 576), (576, 1536), (4096, 576)):
         layer = _Linear(torch.randn(out_features, in_features, dtype=torch.bfloat16))
+        layer.pack()
         rows = torch.randn(300, 1, in_features, dtype=torch.bfloat16)
         alone = torch.cat([layer(rows[r : r + 1]) for r in range(len(rows))])
         # a step's batch, a prompt, prompts prefilled together (more than one block of rows)
@@ -223,6 +224,7 @@ def _prefill_matches_forward(m, prompts, exact: bool = True):
     rows apart), within float rounding in fp32 (MKL's products do not)."""
     same = torch.equal if exact else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     dec = m.decoder
+    dec.pack()
     ids = [m._encode(p)[0] for p in prompts]
     rows = list(range(len(ids)))[::-1]
     with torch.inference_mode():

@@ -388,6 +388,7 @@ class Batcher:
         and sample their first tokens. The sequences take rows ``first_row`` on, in order."""
         import torch
 
+        model.decoder.pack()  # on this thread: the loop's own (once; every row then keeps its bits)
         rows, row = [], first_row
         for request in requests:
             rows.append(row)

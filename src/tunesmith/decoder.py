@@ -21,6 +21,7 @@ decoding step reads; it is for generation only (training keeps bf16/fp32 weights
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +117,7 @@ class _Linear:
 
     weight: torch.Tensor
     scale: torch.Tensor | None = None
-    # oneDNN's own layout of a bf16 ``weight``, made on the first step of a few rows (see __call__)
+    # oneDNN's own layout of a bf16 ``weight``, once ``pack()`` made it (see __call__)
     packed: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +128,8 @@ class _Linear:
                 # matrix product gives that row (alone or in a batch), and reads the weights
                 # at 15.5 GB/s against 10.7 (measured here, bench/NOTES.md).
                 return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], self.weight.shape[0])
-            if self._pack():
-                # Several rows (a prompt, the server's batch, eval's samples): oneDNN on weights
+            if self.packed is not None:
+                # Several rows (the server's batch and prompts, eval's samples): oneDNN on weights
                 # it reordered once, 21 ms a step's products for 4 rows against 29 for F.linear,
                 # which reorders them on every call. Each row gets the bits torch.mv gives it
                 # alone, whatever the other rows, in blocks of up to PACKED_BLOCK rows (F.linear's
@@ -145,14 +146,12 @@ class _Linear:
         return out.reshape(*shape[:-1], self.weight.shape[0])
 
 
-    def _pack(self) -> bool:
-        """Make ``packed`` (once; False where oneDNN cannot: then F.linear is used). It holds a
-        second copy of the weight, so it is only made when a step of several rows runs."""
-        if self.packed is None:
-            if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" or not _onednn_bf16():
-                return False
+    def pack(self) -> None:
+        """Make ``packed`` (once; bf16 weights on a CPU with oneDNN, else F.linear stays). It is a
+        second copy of the weight, so only code that runs several rows makes it."""
+        if self.packed is None and self.scale is None and self.weight.dtype == torch.bfloat16 \
+                and self.weight.device.type == "cpu" and _onednn_bf16():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
-        return True
 
 
 def _onednn_bf16() -> bool:
@@ -277,6 +276,18 @@ class Decoder:
         cos, sin = body.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self._compiled = None
+        self._pack_lock = threading.Lock()
+
+    def pack(self) -> None:
+        """Multiply several rows on oneDNN's reordered copy of every bf16 weight from now on (see
+        ``_Linear``): faster for a batch, and each row's bits then do not depend on the other
+        rows. It holds the weights twice (270 MB more for the bundled model), so generation of
+        one row does not call it; the server's batch and generations of several rows do."""
+        with self._pack_lock:
+            for layer in self.layers:
+                for product in layer[1:3] + layer[4:6]:
+                    product.pack()
+            self.head.pack()
 
     @property
     def num_layers(self) -> int:
