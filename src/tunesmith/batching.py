@@ -1,18 +1,20 @@
 """Continuous batching: the completions of one loaded model share one decoding loop.
 
-A ``Batcher`` owns a thread that repeats: take newcomers (prefill each prompt once, sample its
-first token), then run one decoding step for every sequence in the batch at once, sample each
-row with that sequence's own settings and seeded generator, and hand each sequence its token.
+A ``Batcher`` owns a thread that repeats: take newcomers (prefill their prompts, together on the
+fused decoder, and sample their first tokens), then run one decoding step for every sequence in
+the batch at once, sample each row with that sequence's own settings and seeded generator (rows
+that share their settings in one call), and hand each sequence its token.
 Sequences join and leave between steps: a finished, stopped or cancelled sequence frees its row
 at once. The thread exits when nothing is left to do and starts again with the next request.
 
 The same seed gives the same text whether a sequence runs alone or beside others, by
 construction: every sequence, alone or not, goes through this loop, and nothing a row computes
-depends on the other rows. The weight products run for the whole batch with oneDNN's bf16
-kernels, which give each row the same bits whatever the batch size (measured: PyTorch's own bf16
-kernels do too but cost ~4x per extra row, so they are not used here; fp32 products do not keep
-rows apart, see bench/NOTES.md); sampling runs per row. Text is therefore the same as alone for
-bf16 models; fp32 models batch too, and their rows may differ in the last bits from a run alone.
+depends on the other rows. The weight products run for the whole batch (and for all the
+newcomers' prompt tokens) on oneDNN's reordered bf16 weights (``Decoder.pack``), which give each
+row the bits it gets alone whatever the other rows (tested; fp32 products do not keep rows apart,
+see bench/NOTES.md); sampling several rows gives each the draw it gets alone. Text is therefore
+the same as alone for bf16 models; fp32 models batch too, and their rows may differ in the last
+bits from a run alone.
 
 Models the fused decoder supports (``decoder.Decoder``: SmolLM2, Llama) decode the whole batch
 in one ``step_static`` call over one shared cache, sequence i in row i, each row masked to its
