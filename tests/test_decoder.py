@@ -258,3 +258,83 @@ def test_prompts_prefilled_together_hold_the_bits_of_each_alone(tiny_model_dir):
 @pytest.mark.real_model
 def test_real_model_prompts_prefilled_together_hold_the_bits_of_each_alone(real_base_dir):
     _prefill_matches_forward(load("smollm2-135m"), PROMPTS + ["To Sherlock Holmes she is always the woman. " * 4])
+
+
+def _kernel_or_skip(dec):
+    from tunesmith import decode_kernel
+
+    step = dec.kernel()
+    if step is None:
+        pytest.skip(f"the C++ decoding step is not available here: {decode_kernel.failure()}")
+    return step
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_kernel_step_matches_transformers_and_the_python_step(tiny_model_dir, quant):
+    """The C++ one-row step (decode_kernel.cpp) against transformers' own forward (fp32, within
+    float rounding) and against the Python step it replaces: the same bits, cache included."""
+    m = load("tiny-llama", dtype="float32", quant=quant)
+    dec = m.decoder
+    _kernel_or_skip(dec)
+    ids = m._encode(PROMPT)
+    steps = [torch.tensor([5]), torch.tensor([17]), torch.tensor([301]), torch.tensor([2])]
+    with torch.inference_mode():
+        kernel, python = dec.new_cache(1, 64), dec.new_cache(1, 64)
+        dec.forward(ids, kernel)
+        dec.forward(ids, python)
+        got, want = [], []
+        for token in steps:
+            got.append(dec.forward(token[:, None], kernel))
+            dec.use_kernel = False
+            want.append(dec.forward(token[:, None], python))
+            dec.use_kernel = True
+        assert kernel.filled == python.filled == ids.shape[1] + len(steps)
+        assert torch.equal(kernel.k, python.k) and torch.equal(kernel.v, python.v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        if quant is None:
+            ref = _hf_logits(m.model, ids, steps)[1:]
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_step_in_bf16_writes_the_python_steps_text(tiny_model_dir):
+    m = load("tiny-llama", dtype="bfloat16")
+    _kernel_or_skip(m.decoder)
+    ids = m._encode(PROMPT)
+    with torch.inference_mode():
+        kernel, python = m.decoder.new_cache(1, 64), m.decoder.new_cache(1, 64)
+        m.decoder.forward(ids, kernel)
+        m.decoder.forward(ids, python)
+        for token in (5, 17, 301):
+            a = m.decoder.forward(torch.tensor([[token]]), kernel)
+            m.decoder.use_kernel = False
+            b = m.decoder.forward(torch.tensor([[token]]), python)
+            m.decoder.use_kernel = True
+            assert torch.equal(a, b)  # bf16: the same roundings, in the same order
+    with_kernel = m.generate(PROMPT, max_tokens=48, temperature=0)[0]
+    sampled = m.generate(PROMPT, max_tokens=48, temperature=0.8, top_p=0.95, seed=5)[0]
+    m.decoder.use_kernel = False
+    assert m.generate(PROMPT, max_tokens=48, temperature=0)[0].text == with_kernel.text
+    assert m.generate(PROMPT, max_tokens=48, temperature=0.8, top_p=0.95, seed=5)[0].text == sampled.text
+
+
+def test_kernel_turned_off_keeps_the_python_step(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_DECODE_KERNEL", "off")
+    m = load("tiny-llama", dtype="float32")
+    assert m.decoder.kernel() is None
+    assert m.generate(PROMPT, max_tokens=8, temperature=0)[0].completion_tokens == 8
+
+
+@pytest.mark.real_model
+def test_real_model_kernel_step_writes_the_python_steps_greedy_text(real_base_dir):
+    """bf16, the bundled model: the C++ step and the Python step write the same greedy text over
+    64 tokens (they give the same bits)."""
+    m = load("smollm2-135m")
+    _kernel_or_skip(m.decoder)
+    prompt = "To Sherlock Holmes she is always the woman. I have seldom heard him mention her under any other name."
+    fast = m.generate(prompt, max_tokens=64, temperature=0)[0]
+    m.decoder.use_kernel = False
+    slow = m.generate(prompt, max_tokens=64, temperature=0)[0]
+    assert fast.completion_tokens == slow.completion_tokens == 64
+    assert fast.text == slow.text

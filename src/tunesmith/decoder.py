@@ -277,6 +277,8 @@ class Decoder:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self._compiled = None
         self._pack_lock = threading.Lock()
+        self._kernel = None  # the C++ one-row step: None until tried, False where it cannot be had
+        self.use_kernel = True  # False: one-row steps stay on the Python path (tests compare the two)
 
     def pack(self) -> None:
         """Multiply several rows on oneDNN's reordered copy of every bf16 weight from now on (see
@@ -307,13 +309,40 @@ class Decoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def kernel(self):
+        """The C++ one-row step over these weights (``decode_kernel``), or None where it cannot be
+        had (not a CPU, not built, turned off)."""
+        if self._kernel is None:
+            with self._pack_lock:
+                if self._kernel is None:
+                    module = _decode_kernel().load() if self.device.type == "cpu" else None
+                    if module is None:
+                        self._kernel = False
+                    else:
+                        none = torch.empty(0)
+
+                        def product(p: _Linear) -> list[torch.Tensor]:
+                            return [p.weight, none if p.scale is None else p.scale]
+
+                        layers = [[ln1, *product(qkv), *product(o), ln2, *product(gate_up), *product(down)]
+                                  for ln1, qkv, o, ln2, gate_up, down in self.layers]
+                        self._kernel = module.Step(self.embed, layers, self.norm, *product(self.head), self.cos,
+                                                   self.sin, self.heads, self.kv_heads, self.head_dim,
+                                                   self.intermediate, float(self.eps), float(self.scaling))
+        return self._kernel or None
+
     def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run ``tokens`` (rows, T) from position ``cache.filled``; float logits (rows, vocab) of the last one."""
+        """Run ``tokens`` (rows, T) from position ``cache.filled``; float logits (rows, vocab) of the last one.
+        One token of one row runs the C++ step where it is available (``kernel``)."""
         rows, t = tokens.shape
         start = cache.filled
         end = start + t
         if end > cache.length:
             raise ValueError(f"the cache holds {cache.length} positions, {end} needed")
+        if rows == 1 and t == 1 and self.use_kernel and (step := self.kernel()) is not None:
+            logits = step(int(tokens[0, 0]), start, cache.k[:, 0], cache.v[:, 0])
+            cache.filled = end
+            return logits[None]
         cos, sin = self.cos[start:end][None, None], self.sin[start:end][None, None]
         x = F.embedding(tokens, self.embed)
         q_size, kv_size = self.q_size, self.kv_size
@@ -402,6 +431,12 @@ class Decoder:
             g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
             x = x + down(F.silu(g) * u)
         return self.head(self._norm(x, self.norm))[:, -1].float()
+
+
+def _decode_kernel():
+    from . import decode_kernel
+
+    return decode_kernel
 
 
 def _mask(t: int, start: int, end: int, device) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""The one-row decoding step in C++ (``decode_kernel.cpp``), built once per machine on first use.
+
+At batch 1 on a CPU, a step of the Python decoder (``decoder.Decoder.forward``) spends about a
+third of its time outside the weight products, in ~1,500 small dispatched operators (norms,
+rotary embedding, residual adds, views). The C++ step calls the same PyTorch operators for the
+products, attention and int8 products, and does the vector work between them in plain loops with
+the same roundings. ``torch.compile`` was measured slower than the eager step here
+(bench/NOTES.md), which is why this is written out rather than generated.
+
+It is built with PyTorch's own extension builder (``torch.utils.cpp_extension.load``: a C++
+compiler and ninja, about 30 s on 2 cores) into PyTorch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), once per machine and
+PyTorch version; ``make setup`` builds it. Where it cannot be built (no compiler), decoding
+stays on the Python step, with one warning. ``TUNESMITH_DECODE_KERNEL=off`` keeps the Python
+step.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("decode_kernel.cpp")
+NAME = "tunesmith_decode_step"
+ENV = "TUNESMITH_DECODE_KERNEL"  # "off" keeps the Python decoding step
+
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "auto").strip().lower() not in ("off", "0", "false", "no")
+
+
+def load(*, quiet: bool = False):
+    """The built extension module (building it if needed), or None where it cannot be had: turned
+    off, or the build failed (the reason is kept in ``failure()``; warned about once)."""
+    global _module, _failed
+    if not enabled():
+        return None
+    if _module is not None or _failed is not None:
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                from torch.utils.cpp_extension import load as build
+
+                _module = build(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+            except Exception as exc:  # noqa: BLE001 - any build failure: keep the Python step
+                _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                if not quiet:
+                    import warnings
+
+                    warnings.warn(f"the C++ decoding step could not be built ({_failed}); decoding uses the "
+                                  f"Python step (set {ENV}=off to skip the build)", stacklevel=2)
+    return _module
+
+
+def failure() -> str | None:
+    """Why the build failed in this process (None: not tried, or built)."""
+    return _failed
+
+
+def main() -> None:
+    """``python -m tunesmith.decode_kernel``: build the extension now (make setup runs this)."""
+    import sys
+    import time
+
+    start = time.perf_counter()
+    module = load(quiet=True)
+    if module is None:
+        print(f"the C++ decoding step was not built: {failure() or f'{ENV}=off'}", file=sys.stderr)
+        return
+    print(f"C++ decoding step ready ({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
