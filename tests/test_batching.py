@@ -95,3 +95,51 @@ def test_a_cancelled_stream_frees_its_row(tiny):
     while batcher._thread is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert batcher._thread is None  # nothing left: the loop's thread has ended
+
+
+def test_requests_on_their_way_are_prefilled_together(tiny, monkeypatch):
+    """An idle loop waits for requests the server has admitted but not yet submitted, so requests
+    sent together share one prefill; each still writes what it writes alone."""
+    import queue
+
+    from tunesmith import batching
+    from tunesmith.config import SamplingConfig
+
+    monkeypatch.setattr(batching, "GATHER_SECONDS", 10.0)  # generous: the second request comes 0.2 s late
+    dec = tiny.decoder
+    prefills: list[int] = []
+    real = dec.prefill
+    monkeypatch.setattr(dec, "prefill", lambda prompts, cache, rows: (prefills.append(len(prompts)),
+                                                                      real(prompts, cache, rows))[1])
+    prompts = [("It was a cold night", 7), ("The recipe needs", 3)]
+    alone = [Batcher(tiny).generate(p, max_tokens=12, temperature=0.8, seed=s)[0].text for p, s in prompts]
+    prefills.clear()
+    coming = [len(prompts)]
+    batcher = Batcher(tiny, arriving=lambda: coming[0])
+    sinks = []
+    for prompt, seed in prompts:
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+        batcher.submit(prompt, SamplingConfig(max_tokens=12, temperature=0.8, seed=seed), sink.put)
+        coming[0] -= 1
+        sinks.append(sink)
+        time.sleep(0.2)
+    texts = []
+    for sink in sinks:
+        while (event := sink.get(timeout=60)).kind != "done":
+            assert event.kind != "error", event.error
+        texts.append(event.completion.text)
+    assert prefills == [2]
+    assert texts == alone
+
+
+def test_the_servers_count_of_arriving_requests():
+    from tunesmith.server.batching import ARRIVAL_SECONDS, Batching
+
+    batching = Batching(None, 4)
+    first, second = batching.arrival(), batching.arrival()
+    assert batching.arriving() == 2
+    first.done()
+    first.done()  # idempotent
+    assert batching.arriving() == 1
+    second.since -= ARRIVAL_SECONDS + 1  # one whose end was missed stops counting in time
+    assert batching.arriving() == 0

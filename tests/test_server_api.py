@@ -370,9 +370,17 @@ class CopyingModel:
 class CopyingBatch:
     """Stands in for the decoding loops: every choice writes the model's one text, word by word."""
 
-    async def events(self, model, prompt, sampling, *, n=1, logprobs=None, stream=False):
+    def arrival(self):
+        from tunesmith.server.batching import Arrival, Batching
+
+        return Arrival(Batching(None, 1))
+
+    async def events(self, model, prompt, sampling, *, n=1, logprobs=None, stream=False, arrival=None):
         from tunesmith.batching import Event
         from tunesmith.generate import Chunk, Completion
+
+        if arrival is not None:
+            arrival.done()
 
         words = model.text.split(" ")
         for index in range(n):
