@@ -2,10 +2,11 @@
 
 At batch 1 on a CPU, a step of the Python decoder (``decoder.Decoder.forward``) spends about a
 third of its time outside the weight products, in ~1,500 small dispatched operators (norms,
-rotary embedding, residual adds, views). The C++ step calls the same PyTorch operators for the
-products, attention and int8 products, and does the vector work between them in plain loops with
-the same roundings. ``torch.compile`` was measured slower than the eager step here
-(bench/NOTES.md), which is why this is written out rather than generated.
+rotary embedding, residual adds, views, attention). The C++ step calls the same PyTorch operators
+for the products and int8 products, and does the vector work between them and the one-query
+attention in plain loops (21.9 ms a step against 35.2, with 20.1 ms in the products; measured
+here, bench/NOTES.md). ``torch.compile`` was measured slower than the eager step here, which is
+why this is written out rather than generated.
 
 It is built with PyTorch's own extension builder (``torch.utils.cpp_extension.load``: a C++
 compiler and ninja, about 30 s on 2 cores) into PyTorch's extension cache
@@ -47,7 +48,7 @@ def load(*, quiet: bool = False):
             try:
                 from torch.utils.cpp_extension import load as build
 
-                _module = build(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+                _module = build(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
             except Exception as exc:  # noqa: BLE001 - any build failure: keep the Python step
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 if not quiet:
