@@ -201,7 +201,9 @@ def launch(num_processes: int, args: list[str]) -> int:
     try:
         launch_command(launcher)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        # The rank that failed on its own (an exit status), before ranks killed by a signal as the
+        # launcher tears the others down (one of those can be recorded first).
+        rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode <= 0, item[1].timestamp, item[0]))
         sys.stderr.write(f"training process {rank} of {num_processes} stopped with exit status {failure.exitcode}\n")
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0

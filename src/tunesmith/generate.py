@@ -456,6 +456,14 @@ def _sample(logits, seen, params: SamplingConfig, generator, logprobs: int | Non
     else:
         token = torch.multinomial(values.softmax(-1), 1, generator=generator)
         token = (token if ids is None else ids.gather(1, token)).squeeze(1)
+    return (token, *_logprobs(logits, token, log_norm, logprobs))
+
+
+def _logprobs(logits, token, log_norm, logprobs: int | None):
+    """The model's logprob of each row's ``token`` and, when asked, its ``logprobs`` most likely
+    tokens ({id: logprob} per row)."""
+    import torch
+
     lp = (logits.gather(1, token[:, None]) - log_norm).squeeze(1)
     top = None
     if logprobs:
@@ -464,7 +472,7 @@ def _sample(logits, seen, params: SamplingConfig, generator, logprobs: int | Non
         top = [
             {str(int(i)): float(v) for i, v in zip(row_ids, row_vals)} for row_ids, row_vals in zip(ids, values)
         ]
-    return token, lp, top
+    return lp, top
 
 
 def _shape_logits(logits, seen, params: SamplingConfig):
@@ -510,15 +518,7 @@ def _sample_each(logits, params: SamplingConfig, generators: list, logprobs: int
             row = torch.multinomial(row_values.softmax(-1), 1, generator=generator)
             picked.append(row if row_ids is None else row_ids.gather(1, row))
         token = torch.cat(picked).squeeze(1)
-    lp = (logits.gather(1, token[:, None]) - log_norm).squeeze(1)
-    top = None
-    if logprobs:
-        values, ids = torch.topk(logits, logprobs, dim=-1)
-        values = values - log_norm
-        top = [
-            {str(int(i)): float(v) for i, v in zip(row_ids, row_vals)} for row_ids, row_vals in zip(ids, values)
-        ]
-    return token, lp, top
+    return (token, *_logprobs(logits, token, log_norm, logprobs))
 
 
 def _candidates(logits, seen, params: SamplingConfig):
