@@ -201,9 +201,10 @@ def launch(num_processes: int, args: list[str]) -> int:
     try:
         launch_command(launcher)
     except ChildFailedError as err:
-        # The rank that failed on its own (an exit status), before ranks killed by a signal as the
-        # launcher tears the others down (one of those can be recorded first).
-        rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode <= 0, item[1].timestamp, item[0]))
+        # A rank that exited with a status, not one killed by a signal as the launcher tore the
+        # others down; the lowest such rank (a rank that stops because rank 0 did says so itself,
+        # and the launcher may record it first).
+        rank, failure = min(err.failures.items(), key=lambda item: (item[1].exitcode <= 0, item[0]))
         sys.stderr.write(f"training process {rank} of {num_processes} stopped with exit status {failure.exitcode}\n")
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0

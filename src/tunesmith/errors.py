@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 
@@ -63,12 +64,26 @@ def user_errors(command):
         except TunesmithError as exc:
             option = None if exc.file else _option_for(command, exc.field)
             typer.secho(f"error: {exc.render(option)}", err=True, fg="red")
+            _leave_process_group()
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.secho("stopped.", err=True, fg="yellow")
+            _leave_process_group()
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _leave_process_group() -> None:
+    """In one process of a multi-process run, leave the process group before exiting on an error:
+    a group still open when the interpreter exits can abort the process ("terminate called
+    without an active exception", exit status -6) instead of exiting with the error's status."""
+    dist = sys.modules.get("torch.distributed")  # only where the run imported it
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting on the error anyway
+        pass
 
 
 # Settings whose command-line option is not simply the field's name.
