@@ -325,17 +325,14 @@ class Batcher:
             if not active:
                 self._gather()
             newcomers = self._take_newcomers(self.max_batch - len(active))
-            if newcomers and self.fused:
+            # the fused decoder prefills the newcomers in one pass, other models one by one
+            for group in ([newcomers] if self.fused and newcomers else [[r] for r in newcomers]):
                 try:
-                    active.extend(self._prefill_fused(model, newcomers, len(active)))
+                    prefill = self._prefill_fused if self.fused else self._prefill
+                    active.extend(prefill(model, group, len(active)))
                 except Exception as exc:  # noqa: BLE001 - reported to the requests of that prefill
-                    for request in newcomers:
+                    for request in group:
                         request.sink(Event("error", 0, error=exc))
-            for request in newcomers if not self.fused else ():
-                try:
-                    active.extend(self._prefill(model, request, len(active)))
-                except Exception as exc:  # noqa: BLE001 - reported to the request
-                    request.sink(Event("error", 0, error=exc))
             running = self._keep(active)
             if not running:
                 active = running
@@ -413,12 +410,13 @@ class Batcher:
                 seqs.append(seq)
         return seqs
 
-    def _prefill(self, model: Model, request: Request, first_row: int) -> list[_Seq]:
-        """Run the prompt once, give each of the request's sequences a copy of its cache and its
-        first token (models without the fused decoder)."""
+    def _prefill(self, model: Model, requests: list[Request], first_row: int) -> list[_Seq]:
+        """Run the prompt of the one request in ``requests`` once, give each of its sequences a
+        copy of its cache and its first token (models without the fused decoder)."""
         import torch
         from transformers import DynamicCache
 
+        (request,) = requests
         ids = torch.tensor([request.prompt_ids], device=model.device)
         length = ids.shape[1]
         cache = DynamicCache()

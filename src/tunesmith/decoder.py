@@ -331,6 +331,27 @@ class Decoder:
                                                    self.intermediate, float(self.eps), float(self.scaling))
         return self._kernel or None
 
+    def _attend(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention of one layer for ``h`` (rows, T, q+k+v), the fused projections of T tokens at
+        positions ``start`` on: rotate q and k, write k and v into the layer's cache ``keys`` /
+        ``values`` (rows, kv_heads, length, head_dim), attend over positions up to the last one.
+        Returns (rows, T, q_size)."""
+        rows, t = h.shape[0], h.shape[1]
+        end = start + t
+        q_size, kv_size = self.q_size, self.kv_size
+        cos, sin = self.cos[start:end][None, None], self.sin[start:end][None, None]
+        q = h[..., :q_size].view(rows, t, self.heads, self.head_dim).transpose(1, 2)
+        k = h[..., q_size : q_size + kv_size].view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = h[..., q_size + kv_size :].view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        attn = F.scaled_dot_product_attention(
+            q, keys[:, :, :end], values[:, :, :end], is_causal=t > 1 and start == 0,
+            attn_mask=_mask(t, start, end, q.device) if t > 1 and start > 0 else None,
+            scale=self.scaling, enable_gqa=True)
+        return attn.transpose(1, 2).reshape(rows, t, q_size)
+
     def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run ``tokens`` (rows, T) from position ``cache.filled``; float logits (rows, vocab) of the last one.
         One token of one row runs the C++ step where it is available (``kernel``)."""
@@ -343,23 +364,10 @@ class Decoder:
             logits = step(int(tokens[0, 0]), start, cache.k[:, 0], cache.v[:, 0])
             cache.filled = end
             return logits[None]
-        cos, sin = self.cos[start:end][None, None], self.sin[start:end][None, None]
         x = F.embedding(tokens, self.embed)
-        q_size, kv_size = self.q_size, self.kv_size
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
             h = qkv(self._norm(x, ln1))
-            q = h[..., :q_size].view(rows, t, self.heads, self.head_dim).transpose(1, 2)
-            k = h[..., q_size : q_size + kv_size].view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = h[..., q_size + kv_size :].view(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            keys, values = cache.k[i, :rows], cache.v[i, :rows]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            attn = F.scaled_dot_product_attention(
-                q, keys[:, :, :end], values[:, :, :end], is_causal=t > 1 and start == 0,
-                attn_mask=_mask(t, start, end, q.device) if t > 1 and start > 0 else None,
-                scale=self.scaling, enable_gqa=True)
-            x = x + o(attn.transpose(1, 2).reshape(rows, t, q_size))
+            x = x + o(self._attend(h, cache.k[i, :rows], cache.v[i, :rows], start))
             g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
             x = x + down(F.silu(g) * u)
         cache.filled = end
@@ -379,23 +387,10 @@ class Decoder:
             raise ValueError(f"the cache holds {cache.length} positions, {max(lengths)} needed")
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         x = F.embedding(torch.cat([p.reshape(-1) for p in prompts])[None], self.embed)
-        q_size, kv_size, heads, kv_heads, head_dim = self.q_size, self.kv_size, self.heads, self.kv_heads, self.head_dim
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
             h = qkv(self._norm(x, ln1))
-            outs = []
-            for start, t, row in zip(starts, lengths, rows):
-                seg = h[:, start : start + t]
-                cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
-                q = seg[..., :q_size].view(1, t, heads, head_dim).transpose(1, 2)
-                k = seg[..., q_size : q_size + kv_size].view(1, t, kv_heads, head_dim).transpose(1, 2)
-                v = seg[..., q_size + kv_size :].view(1, t, kv_heads, head_dim).transpose(1, 2)
-                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-                keys, values = cache.k[i, row : row + 1], cache.v[i, row : row + 1]
-                keys[:, :, :t] = k
-                values[:, :, :t] = v
-                attn = F.scaled_dot_product_attention(q, keys[:, :, :t], values[:, :, :t], is_causal=t > 1,
-                                                      scale=self.scaling, enable_gqa=True)
-                outs.append(attn.transpose(1, 2).reshape(1, t, q_size))
+            outs = [self._attend(h[:, start : start + t], cache.k[i, row : row + 1], cache.v[i, row : row + 1], 0)
+                    for start, t, row in zip(starts, lengths, rows)]
             x = x + o(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
             g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
             x = x + down(F.silu(g) * u)
