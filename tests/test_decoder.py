@@ -225,6 +225,7 @@ def _prefill_matches_forward(m, prompts, exact: bool = True):
     same = torch.equal if exact else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     dec = m.decoder
     dec.pack()
+    dec.use_kernel = False  # a one-token prompt alone would take the C++ step, which sums in its own order
     ids = [m._encode(p)[0] for p in prompts]
     rows = list(range(len(ids)))[::-1]
     with torch.inference_mode():
@@ -323,8 +324,9 @@ def _kernel_against_python(m, prompt: str, steps: int):
     return kls, agree
 
 
-def test_kernel_step_in_bf16_keeps_the_python_steps_distribution(tiny_model_dir):
-    m = load("tiny-llama", dtype="bfloat16")
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_kernel_step_in_bf16_keeps_the_python_steps_distribution(tiny_model_dir, quant):
+    m = load("tiny-llama", dtype="bfloat16", quant=quant)
     _kernel_or_skip(m.decoder)
     kls, _ = _kernel_against_python(m, PROMPT, 24)
     assert max(kls) < 1e-2 and sum(kls) / len(kls) < 2e-3
@@ -348,3 +350,35 @@ def test_real_model_kernel_step_keeps_the_python_steps_distribution(real_base_di
     kls, agree = _kernel_against_python(m, prompt, 100)
     assert sum(kls) / len(kls) < 3e-3 and max(kls) < 3e-2
     assert agree >= 95
+
+
+@pytest.mark.parametrize("n,k", [(7, 100), (960, 576), (33, 1536)])
+def test_kernel_products_against_a_float64_reference(n, k):
+    """The step's own matrix-vector products (AVX-512 where the CPU has it), bf16 and int8 weights,
+    rows and lengths that are not multiples of the vector width: within one bf16 rounding of the
+    exact product, and the same bits at 1 and 2 threads (each row is summed by one thread)."""
+    from tunesmith import decode_kernel
+
+    module = decode_kernel.load(quiet=True)
+    if module is None:
+        pytest.skip(f"the C++ decoding step is not available here: {decode_kernel.failure()}")
+    g = torch.Generator().manual_seed(n * k)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(k, generator=g).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    cases = [(w, torch.empty(0), w.double() @ x.double()),
+             (q, scale, (q.double() @ x.double()) * scale.double())]
+    threads = torch.get_num_threads()
+    for weight, s, exact in cases:
+        got = module.product(weight, s, x)
+        assert got.dtype == torch.bfloat16 and got.shape == (n,)
+        # one rounding to bf16 (half an ulp, 2^-9 relative) plus the fp32 sums' error
+        bound = exact.abs() * 2.0**-8 + 1e-6 * (weight.double().abs() @ x.double().abs())
+        assert ((got.double() - exact).abs() <= bound).all()
+        try:
+            torch.set_num_threads(1)
+            alone = module.product(weight, s, x)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(alone, got)

@@ -1,17 +1,24 @@
 // One decoding step of a llama-family model for one sequence, in C++ (see decode_kernel.py).
 //
-// The weight products, the int8 products, SiLU and the norms' sums are PyTorch's own operators
-// (at::mv, _weight_int8pack_mm, silu, sum); the small vector work between them (the rest of
-// RMSNorm, rotary embedding, the residual adds, the SiLU product) is written out here with the
-// roundings of the Python decoder, and so is attention (one query: scores, softmax and values in
-// fp32). A step then costs the products plus ~200 operators dispatched from C++ rather than
-// ~1,500 from Python. In fp32 it matches the Python step to float rounding; in bf16 its
-// attention rounds differently from PyTorch's kernel (tests/test_decoder.py measures by how much).
+// The weight products of a bf16 model (bf16 or int8 weights) are written out below with AVX-512
+// (one row of weights against the vector, in fp32, with the weights prefetched ahead of use);
+// elsewhere they are PyTorch's own operators (at::mv, _weight_int8pack_mm). SiLU and the norms'
+// sums are PyTorch's; the small vector work between the products (the rest of RMSNorm, rotary
+// embedding, the residual adds, the SiLU product) is written out with the roundings of the Python
+// decoder, and so is attention (one query: scores, softmax and values in fp32). In fp32 the step
+// matches the Python step to float rounding; in bf16 its products and attention sum in another
+// order than PyTorch's kernels (tests/test_decoder.py measures by how much).
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TUNESMITH_AVX512 1
+#endif
 
 namespace {
 
@@ -19,10 +26,120 @@ struct Layer {
   at::Tensor ln1, qkv, qkv_scale, o, o_scale, ln2, gate_up, gate_up_scale, down, down_scale;
 };
 
-at::Tensor product(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& x) {
-  if (scale.defined() && scale.numel() > 0) {
-    return at::_weight_int8pack_mm(x.view({1, x.size(0)}), w, scale).view({w.size(0)});
+#ifdef TUNESMITH_AVX512
+// Matrix-vector products at batch 1 read every weight once, so they run at the speed memory
+// delivers the weights. PyTorch's at::mv and _weight_int8pack_mm reach about 15 and 10 GB/s here
+// (bench/NOTES.md, decoding round 5); these loops, which ask for the weights 8 KiB ahead of use,
+// reach about 20. Each output is one row's dot product summed in one fixed order by one thread,
+// so the result does not depend on the number of threads.
+constexpr int64_t PREFETCH_BYTES = 8192;
+constexpr int64_t ROWS = 4;  // rows of the weight per pass over the vector
+
+// out[n] = sum_k w[n, k] x[k] for rows n0..n1-1 of a bf16 weight (N, K), in fp32 (the pairwise
+// bf16 products of vdpbf16ps), rounded to bf16 at the end.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void mv_bf16_rows(const at::BFloat16* w, const at::BFloat16* x, at::BFloat16* out, int64_t k, int64_t n0,
+                  int64_t n1) {
+  const int64_t full = k / 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (k % 32)) - 1);
+  for (int64_t n = n0; n < n1; n += ROWS) {
+    const int64_t m = std::min(ROWS, n1 - n);
+    __m512 acc[ROWS] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < full; ++c) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + c * 32);
+      for (int64_t r = 0; r < m; ++r) {
+        const at::BFloat16* p = w + (n + r) * k + c * 32;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(p), xv);
+      }
+    }
+    if (tail) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + full * 32);
+      for (int64_t r = 0; r < m; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (n + r) * k + full * 32), xv);
+    }
+    for (int64_t r = 0; r < m; ++r) out[n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r]));
   }
+}
+
+// The same for int8 weights with one scale per row (the layout of _weight_int8pack_mm): each
+// weight widened to fp32 times the fp32 vector, the row's sum times its scale, rounded to bf16.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void mv_int8_rows(const int8_t* w, const float* x, const at::BFloat16* scale, at::BFloat16* out, int64_t k, int64_t n0,
+                  int64_t n1) {
+  const int64_t full = k / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k % 16)) - 1);
+  for (int64_t n = n0; n < n1; n += ROWS) {
+    const int64_t m = std::min(ROWS, n1 - n);
+    __m512 acc[ROWS] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < full; ++c) {
+      const __m512 xv = _mm512_loadu_ps(x + c * 16);
+      for (int64_t r = 0; r < m; ++r) {
+        const int8_t* p = w + (n + r) * k + c * 16;
+        if ((c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+        acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+      }
+    }
+    if (tail) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full * 16);
+      for (int64_t r = 0; r < m; ++r) {
+        const __m128i b = _mm_maskz_loadu_epi8(tail, w + (n + r) * k + full * 16);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[r]);
+      }
+    }
+    for (int64_t r = 0; r < m; ++r)
+      out[n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r]) * static_cast<float>(scale[n + r]));
+  }
+}
+
+bool has_avx512() {
+  static const bool yes =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+bool has_avx512_bf16() {
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+// Rows split between PyTorch's threads in blocks of whole passes.
+template <typename F>
+void over_rows(int64_t n, F rows) {
+  at::parallel_for(0, (n + ROWS - 1) / ROWS, 16, [&](int64_t b, int64_t e) { rows(b * ROWS, std::min(n, e * ROWS)); });
+}
+#endif
+
+// w @ x for a weight (N, K) and a vector (K,): bf16 weights, int8 weights with per-row ``scale``
+// (when it is not empty), or any other dtype through PyTorch.
+at::Tensor product(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& x) {
+  const bool int8 = scale.defined() && scale.numel() > 0;
+#ifdef TUNESMITH_AVX512
+  if (x.scalar_type() == at::kBFloat16 && w.is_contiguous() && x.is_contiguous() && w.size(1) == x.size(0)) {
+    const int64_t n = w.size(0), k = w.size(1);
+    if (!int8 && w.scalar_type() == at::kBFloat16 && has_avx512_bf16()) {
+      at::Tensor out = at::empty({n}, x.options());
+      const auto* wp = w.data_ptr<at::BFloat16>();
+      const auto* xp = x.data_ptr<at::BFloat16>();
+      auto* op = out.data_ptr<at::BFloat16>();
+      over_rows(n, [&](int64_t n0, int64_t n1) { mv_bf16_rows(wp, xp, op, k, n0, n1); });
+      return out;
+    }
+    if (int8 && w.scalar_type() == at::kChar && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
+        has_avx512()) {
+      at::Tensor out = at::empty({n}, x.options());
+      const at::Tensor xf = x.to(at::kFloat);
+      const auto* wp = w.data_ptr<int8_t>();
+      const auto* xp = xf.data_ptr<float>();
+      const auto* sp = scale.data_ptr<at::BFloat16>();
+      auto* op = out.data_ptr<at::BFloat16>();
+      over_rows(n, [&](int64_t n0, int64_t n1) { mv_int8_rows(wp, xp, sp, op, k, n0, n1); });
+      return out;
+    }
+  }
+#endif
+  if (int8) return at::_weight_int8pack_mm(x.view({1, x.size(0)}), w, scale).view({w.size(0)});
   return at::mv(w, x);
 }
 
@@ -202,4 +319,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("__call__", &Step::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("product", &product, "w @ x as the step computes it (for tests)", pybind11::arg("w"), pybind11::arg("scale"),
+        pybind11::arg("x"));
 }

@@ -2,11 +2,14 @@
 
 At batch 1 on a CPU, a step of the Python decoder (``decoder.Decoder.forward``) spends about a
 third of its time outside the weight products, in ~1,500 small dispatched operators (norms,
-rotary embedding, residual adds, views, attention). The C++ step calls the same PyTorch operators
-for the products and int8 products, and does the vector work between them and the one-query
-attention in plain loops (21.9 ms a step against 35.2, with 20.1 ms in the products; measured
-here, bench/NOTES.md). ``torch.compile`` was measured slower than the eager step here, which is
-why this is written out rather than generated.
+rotary embedding, residual adds, views, attention), and its products (``torch.mv``,
+``torch._weight_int8pack_mm``) read the weights at about 15 and 10 GB/s. The C++ step does the
+vector work between the products and the one-query attention in plain loops, and the products
+of a bf16 model (bf16 or int8 weights) in AVX-512 loops that fetch the weights ahead of use
+(about 20 GB/s); elsewhere (fp32, no AVX-512) its products are PyTorch's. The bundled model:
+about 61 tokens/s in bf16 against 32 for the Python step, 90 against 46 with int8 weights
+(measured here, bench/NOTES.md). ``torch.compile`` was measured slower than the eager step here,
+which is why this is written out rather than generated.
 
 It is built with PyTorch's own extension builder (``torch.utils.cpp_extension.load``: a C++
 compiler and ninja, about 30 s on 2 cores) into PyTorch's extension cache
@@ -19,12 +22,18 @@ step.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode_kernel.cpp")
 NAME = "tunesmith_decode_step"
 ENV = "TUNESMITH_DECODE_KERNEL"  # "off" keeps the Python decoding step
+
+# The products split their rows between PyTorch's threads (at::parallel_for), which needs OpenMP
+# where PyTorch uses it (Linux builds). The extension then asks for libgomp.so.1, and the loader
+# hands it the copy PyTorch already loaded: one thread pool in the process.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 _lock = threading.Lock()
 _module = None
@@ -48,7 +57,8 @@ def load(*, quiet: bool = False):
             try:
                 from torch.utils.cpp_extension import load as build
 
-                _module = build(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+                _module = build(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", *_OPENMP],
+                                extra_ldflags=_OPENMP, verbose=False)
             except Exception as exc:  # noqa: BLE001 - any build failure: keep the Python step
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 if not quiet:
