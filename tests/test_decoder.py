@@ -355,8 +355,9 @@ def test_real_model_kernel_step_keeps_the_python_steps_distribution(real_base_di
 @pytest.mark.parametrize("n,k", [(7, 100), (960, 576), (33, 1536)])
 def test_kernel_products_against_a_float64_reference(n, k):
     """The step's own matrix-vector products (AVX-512 where the CPU has it), bf16 and int8 weights,
-    rows and lengths that are not multiples of the vector width: within one bf16 rounding of the
-    exact product, and the same bits at 1 and 2 threads (each row is summed by one thread)."""
+    rows and lengths that are not multiples of the vector width, three vectors at once: within
+    one bf16 rounding of the exact product, and each vector's result the same bits as alone and
+    at 1 and 2 threads (each vector and row is summed by one thread in one order)."""
     from tunesmith import decode_kernel
 
     module = decode_kernel.load(quiet=True)
@@ -364,21 +365,62 @@ def test_kernel_products_against_a_float64_reference(n, k):
         pytest.skip(f"the C++ decoding step is not available here: {decode_kernel.failure()}")
     g = torch.Generator().manual_seed(n * k)
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
-    x = torch.randn(k, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, k, generator=g).to(torch.bfloat16)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
-    cases = [(w, torch.empty(0), w.double() @ x.double()),
-             (q, scale, (q.double() @ x.double()) * scale.double())]
+    cases = [(w, torch.empty(0), x.double() @ w.double().T),
+             (q, scale, (x.double() @ q.double().T) * scale.double())]
     threads = torch.get_num_threads()
     for weight, s, exact in cases:
         got = module.product(weight, s, x)
-        assert got.dtype == torch.bfloat16 and got.shape == (n,)
+        assert got.dtype == torch.bfloat16 and got.shape == (3, n)
         # one rounding to bf16 (half an ulp, 2^-9 relative) plus the fp32 sums' error
-        bound = exact.abs() * 2.0**-8 + 1e-6 * (weight.double().abs() @ x.double().abs())
+        bound = exact.abs() * 2.0**-8 + 1e-6 * (x.double().abs() @ weight.double().abs().T)
         assert ((got.double() - exact).abs() <= bound).all()
+        for b in range(3):
+            assert torch.equal(module.product(weight, s, x[b : b + 1])[0], got[b])
         try:
             torch.set_num_threads(1)
             alone = module.product(weight, s, x)
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(alone, got)
+
+
+@pytest.mark.parametrize("dtype,quant", [("bfloat16", None), ("bfloat16", "int8"), ("float32", None)])
+def test_kernel_rows_of_a_batch_hold_the_bits_of_each_alone(tiny_model_dir, dtype, quant):
+    """The C++ step over several rows at their own positions (the server's batched step): each
+    row's logits and cache entries are bit for bit what it gets as the only row."""
+    m = load("tiny-llama", dtype=dtype, quant=quant)
+    dec = m.decoder
+    _kernel_or_skip(dec)
+    prompts = [m._encode(p)[0] for p in PROMPTS[:3]]
+    with torch.inference_mode():
+        shared = dec.new_cache(4, 128)
+        alone = [dec.new_cache(1, 128) for _ in prompts]
+        for row, ids in enumerate(prompts):
+            dec.prefill([ids], shared, [row])
+            dec.prefill([ids], alone[row], [0])
+        positions = [len(ids) for ids in prompts]
+        tokens = [7, 11, 301]
+        for _ in range(3):
+            together = dec.step_rows(tokens, positions, shared.k, shared.v)
+            for row in range(len(prompts)):
+                one = dec.step_rows([tokens[row]], [positions[row]], alone[row].k, alone[row].v)
+                assert torch.equal(together[row], one[0])
+                end = positions[row] + 1
+                assert torch.equal(shared.k[:, row, :, :end], alone[row].k[:, 0, :, :end])
+                assert torch.equal(shared.v[:, row, :, :end], alone[row].v[:, 0, :, :end])
+            tokens = [int(t) for t in together.argmax(-1)]
+            positions = [p + 1 for p in positions]
+        # and the rows are the model's step: close to the Python step over the same cache
+        dec.use_kernel = False
+        python = dec.new_cache(1, 128)
+        dec.prefill([prompts[0]], python, [0])
+        want = dec.step_rows([7], [len(prompts[0])], python.k, python.v)
+        dec.use_kernel = True
+        fresh = dec.new_cache(1, 128)
+        dec.prefill([prompts[0]], fresh, [0])
+        got = dec.step_rows([7], [len(prompts[0])], fresh.k, fresh.v)
+        p, q = want.log_softmax(-1), got.log_softmax(-1)
+        assert float((p.exp() * (p - q)).sum()) < 1e-2

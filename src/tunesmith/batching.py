@@ -445,9 +445,8 @@ class Batcher:
         with torch.inference_mode():
             with _kernels(small=False):
                 if self.fused:
-                    tokens = torch.tensor([s.token for s in seqs], device=model.device)
-                    positions = torch.tensor([s.length for s in seqs], device=model.device)
-                    logits = model.decoder.step_static(tokens, positions, self._cache.k, self._cache.v)
+                    logits = model.decoder.step_rows([s.token for s in seqs], [s.length for s in seqs],
+                                                     self._cache.k, self._cache.v)
                 elif self.llama_shaped:
                     tokens = torch.tensor([s.token for s in seqs], device=model.device)
                     positions = torch.tensor([s.length for s in seqs], device=model.device)

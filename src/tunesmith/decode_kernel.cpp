@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -33,64 +34,108 @@ struct Layer {
 // reach about 20. Each output is one row's dot product summed in one fixed order by one thread,
 // so the result does not depend on the number of threads.
 constexpr int64_t PREFETCH_BYTES = 8192;
-constexpr int64_t ROWS = 4;  // rows of the weight per pass over the vector
+constexpr int64_t ROWS = 4;     // rows of the weight per pass
+constexpr int64_t VECTORS = 4;  // vectors per pass (each weight chunk is loaded once for them)
 
-// out[n] = sum_k w[n, k] x[k] for rows n0..n1-1 of a bf16 weight (N, K), in fp32 (the pairwise
-// bf16 products of vdpbf16ps), rounded to bf16 at the end.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-void mv_bf16_rows(const at::BFloat16* w, const at::BFloat16* x, at::BFloat16* out, int64_t k, int64_t n0,
-                  int64_t n1) {
+// Dot products of rows n..n+M-1 of a bf16 weight (N, K) with vectors b..b+V-1 of x (batch, K),
+// into out (batch, N): fp32 sums of the pairwise bf16 products (vdpbf16ps) over the chunks of
+// 32 in order, then the masked tail, then the lanes; rounded to bf16. Every (row, vector) sum
+// has that one order whatever M, V and the batch, so a vector gets the same bits alone as beside
+// others.
+template <int M, int V>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void dot_bf16(
+    const at::BFloat16* w, const at::BFloat16* x, at::BFloat16* out, int64_t k, int64_t n_total, int64_t n, int64_t b,
+    bool prefetch) {
   const int64_t full = k / 32;
   const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (k % 32)) - 1);
-  for (int64_t n = n0; n < n1; n += ROWS) {
-    const int64_t m = std::min(ROWS, n1 - n);
-    __m512 acc[ROWS] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t c = 0; c < full; ++c) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + c * 32);
-      for (int64_t r = 0; r < m; ++r) {
-        const at::BFloat16* p = w + (n + r) * k + c * 32;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(p), xv);
-      }
+  __m512 acc[M][V];
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < V; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c <= full; ++c) {
+    if (c == full && !tail) break;
+    const __mmask32 mask = c < full ? ~__mmask32{0} : tail;
+    __m512bh xv[V];
+    for (int j = 0; j < V; ++j) xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (b + j) * k + c * 32);
+    for (int r = 0; r < M; ++r) {
+      const at::BFloat16* p = w + (n + r) * k + c * 32;
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+      for (int j = 0; j < V; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
     }
-    if (tail) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + full * 32);
-      for (int64_t r = 0; r < m; ++r)
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (n + r) * k + full * 32), xv);
+  }
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < V; ++j) out[(b + j) * n_total + n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r][j]));
+}
+
+// The same for int8 weights with one scale per row (the layout of _weight_int8pack_mm) and fp32
+// vectors: each weight widened to fp32, fused multiply-adds over the chunks of 16 in order, the
+// row's sum times its scale, rounded to bf16.
+template <int M, int V>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void dot_int8(const int8_t* w, const float* x,
+                                                                           const at::BFloat16* scale,
+                                                                           at::BFloat16* out, int64_t k,
+                                                                           int64_t n_total, int64_t n, int64_t b,
+                                                                           bool prefetch) {
+  const int64_t full = k / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k % 16)) - 1);
+  __m512 acc[M][V];
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < V; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c <= full; ++c) {
+    if (c == full && !tail) break;
+    const __mmask16 mask = c < full ? __mmask16(0xFFFF) : tail;
+    __m512 xv[V];
+    for (int j = 0; j < V; ++j) xv[j] = _mm512_maskz_loadu_ps(mask, x + (b + j) * k + c * 16);
+    for (int r = 0; r < M; ++r) {
+      const int8_t* p = w + (n + r) * k + c * 16;
+      if (prefetch && (c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+      for (int j = 0; j < V; ++j) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
     }
-    for (int64_t r = 0; r < m; ++r) out[n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r]));
+  }
+  for (int r = 0; r < M; ++r) {
+    const float s = static_cast<float>(scale[n + r]);
+    for (int j = 0; j < V; ++j)
+      out[(b + j) * n_total + n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r][j]) * s);
   }
 }
 
-// The same for int8 weights with one scale per row (the layout of _weight_int8pack_mm): each
-// weight widened to fp32 times the fp32 vector, the row's sum times its scale, rounded to bf16.
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void mv_int8_rows(const int8_t* w, const float* x, const at::BFloat16* scale, at::BFloat16* out, int64_t k, int64_t n0,
-                  int64_t n1) {
-  const int64_t full = k / 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (k % 16)) - 1);
-  for (int64_t n = n0; n < n1; n += ROWS) {
-    const int64_t m = std::min(ROWS, n1 - n);
-    __m512 acc[ROWS] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t c = 0; c < full; ++c) {
-      const __m512 xv = _mm512_loadu_ps(x + c * 16);
-      for (int64_t r = 0; r < m; ++r) {
-        const int8_t* p = w + (n + r) * k + c * 16;
-        if ((c & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-        acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
-      }
-    }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full * 16);
-      for (int64_t r = 0; r < m; ++r) {
-        const __m128i b = _mm_maskz_loadu_epi8(tail, w + (n + r) * k + full * 16);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[r]);
-      }
-    }
-    for (int64_t r = 0; r < m; ++r)
-      out[n + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r]) * static_cast<float>(scale[n + r]));
+// Rows n0..n1-1 of the weight against every vector: passes of 4 rows by up to 4 vectors; the
+// weights are prefetched on the first pass over them.
+template <int M, typename Dot>
+inline void pass(Dot dot, int64_t batch, int64_t n) {
+  int64_t b = 0;
+  for (; b + VECTORS <= batch; b += VECTORS) dot(std::integral_constant<int, M>{}, std::integral_constant<int, 4>{}, n, b);
+  switch (batch - b) {
+    case 3: dot(std::integral_constant<int, M>{}, std::integral_constant<int, 3>{}, n, b); break;
+    case 2: dot(std::integral_constant<int, M>{}, std::integral_constant<int, 2>{}, n, b); break;
+    case 1: dot(std::integral_constant<int, M>{}, std::integral_constant<int, 1>{}, n, b); break;
+    default: break;
   }
+}
+
+template <typename Dot>
+void rows(Dot dot, int64_t batch, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS) pass<4>(dot, batch, n);
+  switch (n1 - n) {
+    case 3: pass<3>(dot, batch, n); break;
+    case 2: pass<2>(dot, batch, n); break;
+    case 1: pass<1>(dot, batch, n); break;
+    default: break;
+  }
+}
+
+void mv_bf16_rows(const at::BFloat16* w, const at::BFloat16* x, at::BFloat16* out, int64_t k, int64_t n_total,
+                  int64_t batch, int64_t n0, int64_t n1) {
+  rows([&](auto m, auto v, int64_t n, int64_t b) { dot_bf16<m(), v()>(w, x, out, k, n_total, n, b, b == 0); },
+       batch, n0, n1);
+}
+
+void mv_int8_rows(const int8_t* w, const float* x, const at::BFloat16* scale, at::BFloat16* out, int64_t k,
+                  int64_t n_total, int64_t batch, int64_t n0, int64_t n1) {
+  rows([&](auto m, auto v, int64_t n, int64_t b) { dot_int8<m(), v()>(w, x, scale, out, k, n_total, n, b, b == 0); },
+       batch, n0, n1);
 }
 
 bool has_avx512() {
@@ -111,36 +156,41 @@ void over_rows(int64_t n, F rows) {
 }
 #endif
 
-// w @ x for a weight (N, K) and a vector (K,): bf16 weights, int8 weights with per-row ``scale``
-// (when it is not empty), or any other dtype through PyTorch.
+// x @ w^T for a weight (N, K) and vectors x (batch, K): bf16 weights, int8 weights with per-row
+// ``scale`` (when it is not empty), or any other dtype through PyTorch, one vector at a time. A
+// vector's result does not depend on the others in the batch, bit for bit.
 at::Tensor product(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be (batch, ", w.size(1), ")");
   const bool int8 = scale.defined() && scale.numel() > 0;
+  const int64_t batch = x.size(0), n = w.size(0), k = w.size(1);
 #ifdef TUNESMITH_AVX512
-  if (x.scalar_type() == at::kBFloat16 && w.is_contiguous() && x.is_contiguous() && w.size(1) == x.size(0)) {
-    const int64_t n = w.size(0), k = w.size(1);
+  if (x.scalar_type() == at::kBFloat16 && w.is_contiguous() && x.is_contiguous()) {
     if (!int8 && w.scalar_type() == at::kBFloat16 && has_avx512_bf16()) {
-      at::Tensor out = at::empty({n}, x.options());
+      at::Tensor out = at::empty({batch, n}, x.options());
       const auto* wp = w.data_ptr<at::BFloat16>();
       const auto* xp = x.data_ptr<at::BFloat16>();
       auto* op = out.data_ptr<at::BFloat16>();
-      over_rows(n, [&](int64_t n0, int64_t n1) { mv_bf16_rows(wp, xp, op, k, n0, n1); });
+      over_rows(n, [&](int64_t n0, int64_t n1) { mv_bf16_rows(wp, xp, op, k, n, batch, n0, n1); });
       return out;
     }
     if (int8 && w.scalar_type() == at::kChar && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
         has_avx512()) {
-      at::Tensor out = at::empty({n}, x.options());
+      at::Tensor out = at::empty({batch, n}, x.options());
       const at::Tensor xf = x.to(at::kFloat);
       const auto* wp = w.data_ptr<int8_t>();
       const auto* xp = xf.data_ptr<float>();
       const auto* sp = scale.data_ptr<at::BFloat16>();
       auto* op = out.data_ptr<at::BFloat16>();
-      over_rows(n, [&](int64_t n0, int64_t n1) { mv_int8_rows(wp, xp, sp, op, k, n0, n1); });
+      over_rows(n, [&](int64_t n0, int64_t n1) { mv_int8_rows(wp, xp, sp, op, k, n, batch, n0, n1); });
       return out;
     }
   }
 #endif
-  if (int8) return at::_weight_int8pack_mm(x.view({1, x.size(0)}), w, scale).view({w.size(0)});
-  return at::mv(w, x);
+  std::vector<at::Tensor> rows;
+  for (int64_t b = 0; b < batch; ++b) {
+    rows.push_back(int8 ? at::_weight_int8pack_mm(x.narrow(0, b, 1), w, scale).view({n}) : at::mv(w, x[b]));
+  }
+  return batch == 1 ? rows[0].view({1, n}) : at::stack(rows);
 }
 
 template <typename T>
@@ -245,64 +295,82 @@ class Step {
     }
   }
 
-  // Feed ``token`` at position ``pos``; ``k``/``v`` are this sequence's cache, (layers, kv_heads,
-  // length, head_dim), written at ``pos``. Returns the float logits (vocab,).
-  at::Tensor operator()(int64_t token, int64_t pos, at::Tensor k, at::Tensor v) {
+  // Feed ``tokens[b]`` at position ``positions[b]`` for each row b; ``k``/``v`` are the cache,
+  // (layers, rows, kv_heads, length, head_dim), row b's written at its position. Returns the
+  // float logits (rows, vocab). A row's logits and cache do not depend on the other rows.
+  at::Tensor operator()(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions, at::Tensor k,
+                        at::Tensor v) {
     c10::InferenceMode guard;
-    TORCH_CHECK(pos >= 0 && pos < k.size(2), "position ", pos, " is outside the cache");
-    TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == v.strides(), "unexpected cache layout");
+    const int64_t rows = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(rows >= 1 && positions.size() == tokens.size(), "one position per token");
+    TORCH_CHECK(k.dim() == 5 && k.sizes() == v.sizes() && k.size(1) >= rows, "the cache holds fewer rows than tokens");
+    for (int64_t b = 0; b < rows; ++b) {
+      TORCH_CHECK(positions[b] >= 0 && positions[b] < k.size(3), "position ", positions[b], " is outside the cache");
+      TORCH_CHECK(tokens[b] >= 0 && tokens[b] < embed_.size(0), "token ", tokens[b], " is outside the vocabulary");
+    }
+    TORCH_CHECK(k.stride(4) == 1 && v.stride(4) == 1 && k.strides() == v.strides(), "unexpected cache layout");
     TORCH_CHECK(k.scalar_type() == embed_.scalar_type() && v.scalar_type() == embed_.scalar_type(),
                 "the cache's dtype is not the model's");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embed_.scalar_type(), "decode_step", [&] {
-      out = run<scalar_t>(token, pos, k, v);
+      out = run<scalar_t>(tokens, positions, k, v);
     });
     return out;
   }
 
  private:
   template <typename T>
-  at::Tensor run(int64_t token, int64_t pos, const at::Tensor& k, const at::Tensor& v) {
+  at::Tensor run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions, const at::Tensor& k,
+                 const at::Tensor& v) {
+    const int64_t rows = static_cast<int64_t>(tokens.size());
     const int64_t hidden = embed_.size(1);
     const int64_t q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     const float eps = static_cast<float>(eps_);
-    at::Tensor x = embed_[token].clone();
+    const int64_t longest = *std::max_element(positions.begin(), positions.end()) + 1;
+    at::Tensor x = embed_.index_select(0, at::tensor(tokens, at::kLong));  // (rows, hidden), a copy
     at::Tensor h = at::empty_like(x);
-    at::Tensor act = at::empty({intermediate_}, x.options());
+    at::Tensor act = at::empty({rows, intermediate_}, x.options());
     at::Tensor squares = at::empty({hidden}, x.options().dtype(at::kFloat));
-    at::Tensor attn = at::empty({q_size}, x.options());
-    at::Tensor scores = at::empty({pos + 1}, x.options().dtype(at::kFloat));
+    at::Tensor attn = at::empty({rows, q_size}, x.options());
+    at::Tensor scores = at::empty({longest}, x.options().dtype(at::kFloat));
     T* xp = x.data_ptr<T>();
     T* hp = h.data_ptr<T>();
-    const T* cos = cos_[pos].data_ptr<T>();
-    const T* sin = sin_[pos].data_ptr<T>();
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
-      rms_norm(xp, l.ln1.data_ptr<T>(), hp, squares, eps);
+      for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, l.ln1.data_ptr<T>(), hp + b * hidden, squares, eps);
       at::Tensor qkv = product(l.qkv, l.qkv_scale, h);
-      T* q = qkv.data_ptr<T>();
-      rotate(q, cos, sin, heads_, head_dim_);
-      rotate(q + q_size, cos, sin, kv_heads_, head_dim_);
-      // this layer's cache, (kv_heads, length, head_dim): the new key and value go in at ``pos``
-      T* keys = k.data_ptr<T>() + i * k.stride(0);
-      T* values = v.data_ptr<T>() + i * v.stride(0);
-      for (int64_t g = 0; g < kv_heads_; ++g) {
-        std::copy(q + q_size + g * head_dim_, q + q_size + (g + 1) * head_dim_,
-                  keys + g * k.stride(1) + pos * k.stride(2));
-        std::copy(q + q_size + kv_size + g * head_dim_, q + q_size + kv_size + (g + 1) * head_dim_,
-                  values + g * v.stride(1) + pos * v.stride(2));
+      const int64_t width = qkv.size(1);
+      for (int64_t b = 0; b < rows; ++b) {
+        const int64_t pos = positions[b];
+        const T* cos = cos_[pos].data_ptr<T>();
+        const T* sin = sin_[pos].data_ptr<T>();
+        T* q = qkv.data_ptr<T>() + b * width;
+        rotate(q, cos, sin, heads_, head_dim_);
+        rotate(q + q_size, cos, sin, kv_heads_, head_dim_);
+        // row b's cache in this layer, (kv_heads, length, head_dim): the new key and value go in at ``pos``
+        T* keys = k.data_ptr<T>() + i * k.stride(0) + b * k.stride(1);
+        T* values = v.data_ptr<T>() + i * v.stride(0) + b * v.stride(1);
+        for (int64_t g = 0; g < kv_heads_; ++g) {
+          std::copy(q + q_size + g * head_dim_, q + q_size + (g + 1) * head_dim_,
+                    keys + g * k.stride(2) + pos * k.stride(3));
+          std::copy(q + q_size + kv_size + g * head_dim_, q + q_size + kv_size + (g + 1) * head_dim_,
+                    values + g * v.stride(2) + pos * v.stride(3));
+        }
+        attend(q, keys, values, k.stride(2), k.stride(3), attn.data_ptr<T>() + b * q_size, heads_, kv_heads_, pos + 1,
+               head_dim_, static_cast<float>(scaling_), scores.data_ptr<float>());
       }
-      attend(q, keys, values, k.stride(1), k.stride(2), attn.data_ptr<T>(), heads_, kv_heads_, pos + 1, head_dim_,
-             static_cast<float>(scaling_), scores.data_ptr<float>());
       at::Tensor o = product(l.o, l.o_scale, attn);
-      add(xp, o.data_ptr<T>(), hidden);
-      rms_norm(xp, l.ln2.data_ptr<T>(), hp, squares, eps);
+      add(xp, o.data_ptr<T>(), rows * hidden);
+      for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, l.ln2.data_ptr<T>(), hp + b * hidden, squares, eps);
       at::Tensor gu = product(l.gate_up, l.gate_up_scale, h);
-      silu_mul(gu.narrow(0, 0, intermediate_), gu.data_ptr<T>() + intermediate_, act.data_ptr<T>());
+      for (int64_t b = 0; b < rows; ++b) {
+        silu_mul(gu[b].narrow(0, 0, intermediate_), gu[b].data_ptr<T>() + intermediate_,
+                 act.data_ptr<T>() + b * intermediate_);
+      }
       at::Tensor d = product(l.down, l.down_scale, act);
-      add(xp, d.data_ptr<T>(), hidden);
+      add(xp, d.data_ptr<T>(), rows * hidden);
     }
-    rms_norm(xp, norm_.data_ptr<T>(), hp, squares, eps);
+    for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, norm_.data_ptr<T>(), hp + b * hidden, squares, eps);
     return product(head_, head_scale_, h).to(at::kFloat);
   }
 

@@ -361,9 +361,9 @@ class Decoder:
         if end > cache.length:
             raise ValueError(f"the cache holds {cache.length} positions, {end} needed")
         if rows == 1 and t == 1 and self.use_kernel and (step := self.kernel()) is not None:
-            logits = step(int(tokens[0, 0]), start, cache.k[:, 0], cache.v[:, 0])
+            logits = step([int(tokens[0, 0])], [start], cache.k, cache.v)
             cache.filled = end
-            return logits[None]
+            return logits
         x = F.embedding(tokens, self.embed)
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
             h = qkv(self._norm(x, ln1))
@@ -396,6 +396,18 @@ class Decoder:
             x = x + down(F.silu(g) * u)
         last = x[0, [start + t - 1 for start, t in zip(starts, lengths)]][:, None]
         return self.head(self._norm(last, self.norm))[:, -1].float()
+
+    def step_rows(self, tokens: list[int], positions: list[int], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token per row, row ``r`` at position ``positions[r]``, over the cache buffers
+        ``k``/``v`` (``KVCache.k``/``.v``): the server's batched step. Float logits (rows, vocab).
+
+        It runs the C++ step where it is available (``kernel``), whose rows each get the bits
+        they get alone, whatever the other rows (its products sum every row and vector in one
+        fixed order); elsewhere ``step_static`` (on ``pack``ed weights, which keep rows apart too)."""
+        if self.use_kernel and (step := self.kernel()) is not None:
+            return step(tokens, positions, k, v)
+        device = self.embed.device
+        return self.step_static(torch.tensor(tokens, device=device), torch.tensor(positions, device=device), k, v)
 
     # -- the one-token step with a position per row (compiled by Model.warm) -------------------
     def step_static(self, tokens: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
