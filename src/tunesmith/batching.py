@@ -9,19 +9,19 @@ at once. The thread exits when nothing is left to do and starts again with the n
 
 The same seed gives the same text whether a sequence runs alone or beside others, by
 construction: every sequence, alone or not, goes through this loop, and nothing a row computes
-depends on the other rows. The weight products run for the whole batch (and for all the
-newcomers' prompt tokens) on oneDNN's reordered bf16 weights (``Decoder.pack``), which give each
-row the bits it gets alone whatever the other rows (tested; fp32 products do not keep rows apart,
-see bench/NOTES.md); sampling several rows gives each the draw it gets alone. Text is therefore
-the same as alone for bf16 models; fp32 models batch too, and their rows may differ in the last
-bits from a run alone.
+depends on the other rows. Each step runs the C++ step over the whole batch
+(``Decoder.step_rows``), whose products sum every row in one fixed order whatever the batch;
+where it cannot be built, the Python step runs on oneDNN's reordered bf16 weights
+(``Decoder.pack``), which also give each row the bits it gets alone (tested; fp32 products there
+do not keep rows apart, see bench/NOTES.md). Newcomers' prompts are prefilled together on the
+reordered weights, each with its lone bits; sampling several rows gives each the draw it gets
+alone. Text is therefore the same as alone for bf16 models.
 
 Models the fused decoder supports (``decoder.Decoder``: SmolLM2, Llama) decode the whole batch
-in one ``step_static`` call over one shared cache, sequence i in row i, each row masked to its
-own positions (a row's attention output does not depend on the other rows or on the cache's
-length, bit for bit: measured on PyTorch's CPU kernels); rows are compacted when a sequence
-leaves. Other Llama-shaped decoders (Mistral, Qwen2) use ``decode_step``, with attention per row
-over that row's own cache; other architectures run each row as its own forward pass.
+in one call over one shared cache, sequence i in row i, each row at its own position; rows are
+compacted when a sequence leaves. Other Llama-shaped decoders (Mistral, Qwen2) use
+``decode_step``, with attention per row over that row's own cache; other architectures run each
+row as its own forward pass.
 """
 
 from __future__ import annotations

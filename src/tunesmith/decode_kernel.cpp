@@ -11,7 +11,16 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -149,10 +158,97 @@ bool has_avx512_bf16() {
   return yes;
 }
 
-// Rows split between PyTorch's threads in blocks of whole passes.
+// The products' threads. A step makes ~120 parallel calls of 20-500 us each. On the process's
+// main thread these run on PyTorch's OpenMP pool, whose threads spin between calls. From any
+// other thread (the server's loop) that pool is a second OpenMP team beside the main thread's,
+// and with more OpenMP threads than CPUs its threads sleep between calls and are woken for each:
+// 25 ms a step against 15 (bench/NOTES.md, decoding round 5). There the products run on the
+// helpers below, which spin between the calls of a step and sleep when the step ends (rest()),
+// so that nothing spins while PyTorch's own threads sample. One caller at a time.
+class Pool {
+ public:
+  // Runs part(i, parts) for i in 0..parts-1 (part 0 on the calling thread); returns when all are done.
+  void run(int parts, const std::function<void(int, int)>& part) {
+    if (parts <= 1) return part(0, 1);
+    std::lock_guard<std::mutex> caller(run_);
+    if (owner_ != getpid()) {  // a forked child has none of its parent's threads: start afresh
+      for (auto& t : threads_) t.detach();
+      threads_.clear();
+      owner_ = getpid();
+    }
+    while (static_cast<int>(threads_.size()) < parts - 1) {
+      const int index = static_cast<int>(threads_.size()) + 1;
+      threads_.emplace_back([this, index] { work(index); });
+    }
+    job_ = &part;
+    parts_ = parts;
+    resting_.store(false, std::memory_order_relaxed);
+    pending_.store(static_cast<int>(threads_.size()), std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(sleep_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    part(0, parts);
+    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+  }
+
+  // The step is over: the helpers go to sleep now rather than spin on.
+  void rest() { resting_.store(true, std::memory_order_release); }
+
+ private:
+  static constexpr double SPIN_SECONDS = 0.002;
+
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(SPIN_SECONDS);
+      int polls = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        _mm_pause();
+        if (resting_.load(std::memory_order_acquire) ||
+            (++polls % 256 == 0 && std::chrono::steady_clock::now() > until)) {
+          std::unique_lock<std::mutex> lock(sleep_);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      if (index < parts_) (*job_)(index, parts_);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::mutex run_, sleep_;
+  std::condition_variable wake_;
+  std::vector<std::thread> threads_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> resting_{false};
+  const std::function<void(int, int)>* job_ = nullptr;
+  int parts_ = 0;
+  pid_t owner_ = getpid();
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its threads live as long as the process
+  return *p;
+}
+
+bool on_main_thread() { return static_cast<pid_t>(syscall(SYS_gettid)) == getpid(); }
+
+// Rows split between at::get_num_threads() threads in blocks of whole passes.
 template <typename F>
 void over_rows(int64_t n, F rows) {
-  at::parallel_for(0, (n + ROWS - 1) / ROWS, 16, [&](int64_t b, int64_t e) { rows(b * ROWS, std::min(n, e * ROWS)); });
+  const int64_t groups = (n + ROWS - 1) / ROWS;
+  if (on_main_thread()) {
+    at::parallel_for(0, groups, 16, [&](int64_t b, int64_t e) { rows(b * ROWS, std::min(n, e * ROWS)); });
+    return;
+  }
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups / 16)));
+  pool().run(parts, [&](int i, int count) {
+    const int64_t g0 = groups * i / count, g1 = groups * (i + 1) / count;
+    if (g0 < g1) rows(g0 * ROWS, std::min(n, g1 * ROWS));
+  });
 }
 #endif
 
@@ -315,6 +411,9 @@ class Step {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embed_.scalar_type(), "decode_step", [&] {
       out = run<scalar_t>(tokens, positions, k, v);
     });
+#ifdef TUNESMITH_AVX512
+    pool().rest();
+#endif
     return out;
   }
 
@@ -371,7 +470,14 @@ class Step {
       add(xp, d.data_ptr<T>(), rows * hidden);
     }
     for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, norm_.data_ptr<T>(), hp + b * hidden, squares, eps);
-    return product(head_, head_scale_, h).to(at::kFloat);
+    // to fp32 here rather than with .to(): that copy would be a parallel region of PyTorch's
+    // OpenMP pool, whose threads then spin beside the products' own
+    const at::Tensor logits = product(head_, head_scale_, h);
+    at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+    const T* lp = logits.data_ptr<T>();
+    float* op = out.data_ptr<float>();
+    for (int64_t i = 0; i < logits.numel(); ++i) op[i] = f(lp[i]);
+    return out;
   }
 
   at::Tensor embed_, norm_, head_, head_scale_, cos_, sin_;

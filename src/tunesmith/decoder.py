@@ -354,14 +354,14 @@ class Decoder:
 
     def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run ``tokens`` (rows, T) from position ``cache.filled``; float logits (rows, vocab) of the last one.
-        One token of one row runs the C++ step where it is available (``kernel``)."""
+        One token per row runs the C++ step where it is available (``kernel``)."""
         rows, t = tokens.shape
         start = cache.filled
         end = start + t
         if end > cache.length:
             raise ValueError(f"the cache holds {cache.length} positions, {end} needed")
-        if rows == 1 and t == 1 and self.use_kernel and (step := self.kernel()) is not None:
-            logits = step([int(tokens[0, 0])], [start], cache.k, cache.v)
+        if t == 1 and self.use_kernel and (step := self.kernel()) is not None:
+            logits = step(tokens[:, 0].tolist(), [start] * rows, cache.k, cache.v)
             cache.filled = end
             return logits
         x = F.embedding(tokens, self.embed)

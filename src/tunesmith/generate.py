@@ -179,8 +179,8 @@ class Model:
         # PyTorch's own bf16 kernels for the steps of a few rows of transformers' forward pass;
         # the fused decoder picks its own products, all oneDNN's (decoder._Linear).
         small = self._cpu_bf16 and n <= SMALL_DECODE_ROWS and self.decoder is None
-        if n > 1 and self.decoder is not None:
-            self.decoder.pack()  # several rows: oneDNN's reordered weights (16 rows: +16% tokens/s)
+        if n > 1 and self.decoder is not None and self.decoder.kernel() is None:
+            self.decoder.pack()  # several rows on the Python step: oneDNN's reordered weights (16 rows: +16% tokens/s)
         with torch.inference_mode():
             prefill, step = self._stepper(input_ids, n, prompt_len + params.max_tokens)
             with self._kernels(small=False):
