@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -371,29 +372,42 @@ def test_kernel_products_against_a_float64_reference(n, k):
     cases = [(w, torch.empty(0), x.double() @ w.double().T),
              (q, scale, (x.double() @ q.double().T) * scale.double())]
     threads = torch.get_num_threads()
-    for weight, s, exact in cases:
-        got = module.product(weight, s, x)
+    for (weight, s, exact), tiles in itertools.product(cases, (True, False)):  # AMX tiles (where the CPU has them) or not
+        got = module.product(weight, s, x, tiles)
         assert got.dtype == torch.bfloat16 and got.shape == (3, n)
         # one rounding to bf16 (half an ulp, 2^-9 relative) plus the fp32 sums' error
         bound = exact.abs() * 2.0**-8 + 1e-6 * (x.double().abs() @ weight.double().abs().T)
         assert ((got.double() - exact).abs() <= bound).all()
         for b in range(3):
-            assert torch.equal(module.product(weight, s, x[b : b + 1])[0], got[b])
+            assert torch.equal(module.product(weight, s, x[b : b + 1], tiles)[0], got[b])
         try:
             torch.set_num_threads(1)
-            alone = module.product(weight, s, x)
+            alone = module.product(weight, s, x, tiles)
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(alone, got)
 
 
-@pytest.mark.parametrize("dtype,quant", [("bfloat16", None), ("bfloat16", "int8"), ("float32", None)])
-def test_kernel_rows_of_a_batch_hold_the_bits_of_each_alone(tiny_model_dir, dtype, quant):
+@pytest.mark.parametrize("dtype,quant,tiles", [("bfloat16", None, True), ("bfloat16", None, False),
+                                               ("bfloat16", "int8", True), ("float32", None, True)])
+def test_kernel_rows_of_a_batch_hold_the_bits_of_each_alone(tiny_model_dir, dtype, quant, tiles):
     """The C++ step over several rows at their own positions (the server's batched step): each
-    row's logits and cache entries are bit for bit what it gets as the only row."""
+    row's logits and cache entries are bit for bit what it gets as the only row, on AMX tiles
+    (where the CPU has them) and on the AVX-512 loop (CPUs without them)."""
     m = load("tiny-llama", dtype=dtype, quant=quant)
     dec = m.decoder
     _kernel_or_skip(dec)
+    from tunesmith import decode_kernel
+
+    module = decode_kernel.load(quiet=True)
+    module.set_tiles(tiles)
+    try:
+        _rows_hold_their_bits(m, dec)
+    finally:
+        module.set_tiles(True)
+
+
+def _rows_hold_their_bits(m, dec):
     prompts = [m._encode(p)[0] for p in PROMPTS[:3]]
     with torch.inference_mode():
         shared = dec.new_cache(4, 128)

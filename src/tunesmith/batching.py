@@ -33,6 +33,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from . import decode_kernel
 from .config import SamplingConfig
 from .errors import TunesmithError
 from .generate import Chunk, Completion, Model, _kernels, _sample, _sample_each, _Text
@@ -464,13 +465,14 @@ class Batcher:
                         seq.take(logits[i: i + 1])
                     else:
                         groups.setdefault(key, []).append(i)
-            for rows in groups.values():
-                first = seqs[rows[0]]
-                index = torch.tensor(rows, device=logits.device)
-                tokens, lps, tops = _sample_each(logits.index_select(0, index), first.params,
-                                                 [seqs[i].generator for i in rows], first.request.logprobs)
-                for j, i in enumerate(rows):
-                    seqs[i].accept(int(tokens[j]), lps[j : j + 1], None if tops is None else [tops[j]])
+            with decode_kernel.one_thread():
+                for rows in groups.values():
+                    first = seqs[rows[0]]
+                    index = torch.tensor(rows, device=logits.device)
+                    tokens, lps, tops = _sample_each(logits.index_select(0, index), first.params,
+                                                     [seqs[i].generator for i in rows], first.request.logprobs)
+                    for j, i in enumerate(rows):
+                        seqs[i].accept(int(tokens[j]), lps[j : j + 1], None if tops is None else [tops[j]])
 
 
 def _copy_cache(cache):

@@ -9,7 +9,11 @@
 // matches the Python step to float rounding; in bf16 its products and attention sum in another
 // order than PyTorch's kernels (tests/test_decoder.py measures by how much).
 #include <torch/extension.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -26,6 +30,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define TUNESMITH_AVX512 1
 #endif
@@ -236,26 +241,123 @@ Pool& pool() {
 
 bool on_main_thread() { return static_cast<pid_t>(syscall(SYS_gettid)) == getpid(); }
 
-// Rows split between at::get_num_threads() threads in blocks of whole passes.
+// Rows 0..n-1 split between at::get_num_threads() threads in blocks of ``unit`` rows.
 template <typename F>
-void over_rows(int64_t n, F rows) {
-  const int64_t groups = (n + ROWS - 1) / ROWS;
+void over_rows(int64_t n, F rows, int64_t unit = ROWS, int64_t grain = 16) {
+  const int64_t groups = (n + unit - 1) / unit;
   if (on_main_thread()) {
-    at::parallel_for(0, groups, 16, [&](int64_t b, int64_t e) { rows(b * ROWS, std::min(n, e * ROWS)); });
+    at::parallel_for(0, groups, grain, [&](int64_t b, int64_t e) { rows(b * unit, std::min(n, e * unit)); });
     return;
   }
-  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups / 16)));
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups / grain)));
   pool().run(parts, [&](int i, int count) {
     const int64_t g0 = groups * i / count, g1 = groups * (i + 1) / count;
-    if (g0 < g1) rows(g0 * ROWS, std::min(n, g1 * ROWS));
+    if (g0 < g1) rows(g0 * unit, std::min(n, g1 * unit));
   });
+}
+
+// bf16 products on AMX tiles (Sapphire Rapids and later), where the CPU and the OS allow it. A
+// tile product multiplies 16 rows of weights by 16 vectors at once, so a batch of up to 16
+// vectors costs about what one does (the weights' reads bound both): the bundled model's
+// products, 14 ms a step for 1 vector, 15 for 4 and 18 for 16, against 14, 18 and 39 with the
+// AVX-512 loop above (bench/NOTES.md, decoding round 5). Each (row, vector) is summed over the
+// chunks of 32 in order, in its own element of a tile, whatever the other vectors; rows past
+// the last whole 16 take the AVX-512 loop, and a weight whose K is not a multiple of 32 takes it
+// whole.
+std::atomic<bool> tiles_allowed{true};  // set_tiles(false): the AVX-512 loop only (tests, benchmarks)
+
+bool has_amx() {
+  if (!tiles_allowed.load(std::memory_order_relaxed)) return false;
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+    return tile && bf16 && has_avx512_bf16() && at::cpu::init_amx();  // init_amx asks the OS for the tile state
+  }();
+  return yes;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x (batch, k) in the layout of a tile's second operand: per block of 16 vectors and chunk of 32,
+// 16 rows (pairs of k) of 16 vectors x 2 values; vectors past the batch are zeros.
+void vectors_to_tiles(const at::BFloat16* x, int64_t batch, int64_t k, at::BFloat16* tiles) {
+  const int64_t chunks = k / 32;
+  std::fill(tiles, tiles + (batch + 15) / 16 * chunks * 512, at::BFloat16(0.0f));
+  for (int64_t b = 0; b < batch; ++b) {
+    at::BFloat16* block = tiles + (b / 16) * chunks * 512 + (b % 16) * 2;
+    const at::BFloat16* xb = x + b * k;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t p = 0; p < 16; ++p) {
+        block[c * 512 + p * 32] = xb[c * 32 + 2 * p];
+        block[c * 512 + p * 32 + 1] = xb[c * 32 + 2 * p + 1];
+      }
+  }
+}
+
+// Rows n0..n1-1 (whole blocks of 16) of a bf16 weight (N, K) against every vector, two blocks at
+// a time where it can (two independent tile sums). Tiles: 0 and 3 sums, 1 and 4 weights, 2 vectors.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))) void amx_rows(
+    const at::BFloat16* w, const at::BFloat16* tiles, at::BFloat16* out, int64_t k, int64_t n_total, int64_t batch,
+    int64_t n0, int64_t n1) {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t chunks = k / 32, blocks = (batch + 15) / 16, stride = k * 2;
+  alignas(64) float sums[16 * 16];
+  auto store = [&](int64_t n, int64_t vb) {
+    const int64_t v = std::min<int64_t>(16, batch - vb * 16);
+    for (int r = 0; r < 16; ++r)
+      for (int64_t j = 0; j < v; ++j) out[(vb * 16 + j) * n_total + n + r] = static_cast<at::BFloat16>(sums[r * 16 + j]);
+  };
+  int64_t n = n0;
+  for (; n + 32 <= n1; n += 32) {
+    for (int64_t vb = 0; vb < blocks; ++vb) {
+      const at::BFloat16* xt = tiles + vb * chunks * 512;
+      _tile_zero(0);
+      _tile_zero(3);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const at::BFloat16* a = w + n * k + c * 32;
+        _tile_loadd(2, xt + c * 512, 64);
+        _tile_loadd(1, a, stride);
+        _tile_loadd(4, a + 16 * k, stride);
+        _tile_dpbf16ps(0, 1, 2);
+        _tile_dpbf16ps(3, 4, 2);
+      }
+      _tile_stored(0, sums, 64);
+      store(n, vb);
+      _tile_stored(3, sums, 64);
+      store(n + 16, vb);
+    }
+  }
+  for (; n + 16 <= n1; n += 16) {
+    for (int64_t vb = 0; vb < blocks; ++vb) {
+      const at::BFloat16* xt = tiles + vb * chunks * 512;
+      _tile_zero(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(2, xt + c * 512, 64);
+        _tile_loadd(1, w + n * k + c * 32, stride);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, sums, 64);
+      store(n, vb);
+    }
+  }
+  _tile_release();
 }
 #endif
 
 // x @ w^T for a weight (N, K) and vectors x (batch, K): bf16 weights, int8 weights with per-row
 // ``scale`` (when it is not empty), or any other dtype through PyTorch, one vector at a time. A
 // vector's result does not depend on the others in the batch, bit for bit.
-at::Tensor product(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& x) {
+at::Tensor product(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& x, bool tiles) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be (batch, ", w.size(1), ")");
   const bool int8 = scale.defined() && scale.numel() > 0;
   const int64_t batch = x.size(0), n = w.size(0), k = w.size(1);
@@ -266,7 +368,16 @@ at::Tensor product(const at::Tensor& w, const at::Tensor& scale, const at::Tenso
       const auto* wp = w.data_ptr<at::BFloat16>();
       const auto* xp = x.data_ptr<at::BFloat16>();
       auto* op = out.data_ptr<at::BFloat16>();
-      over_rows(n, [&](int64_t n0, int64_t n1) { mv_bf16_rows(wp, xp, op, k, n, batch, n0, n1); });
+      const int64_t tiled = tiles && k % 32 == 0 && has_amx() ? n / 16 * 16 : 0;  // rows on AMX tiles
+      if (tiled > 0) {
+        at::Tensor tiles = at::empty({(batch + 15) / 16 * (k / 32) * 512}, x.options());
+        vectors_to_tiles(xp, batch, k, tiles.data_ptr<at::BFloat16>());
+        const auto* tp = tiles.data_ptr<at::BFloat16>();
+        over_rows(tiled, [&](int64_t n0, int64_t n1) { amx_rows(wp, tp, op, k, n, batch, n0, n1); }, 32, 2);
+      }
+      if (tiled < n) {
+        over_rows(n - tiled, [&](int64_t n0, int64_t n1) { mv_bf16_rows(wp, xp, op, k, n, batch, tiled + n0, tiled + n1); });
+      }
       return out;
     }
     if (int8 && w.scalar_type() == at::kChar && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
@@ -339,44 +450,54 @@ void silu_mul(const at::Tensor& gate, const T* up, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(f(sp[i]) * f(up[i]));
 }
 
-// Attention of one query per head over positions 0..n-1 of a layer's cache, in fp32 (scores,
+// Attention of one query of head h over positions 0..n-1 of a layer's cache, in fp32 (scores,
 // softmax and the weighted sum of values), written out: PyTorch's CPU attention kernel costs
 // about 100 us a call for one query, this about a tenth. Head h reads kv head h / (heads /
-// kv_heads). ``k``/``v`` point at kv head 0, position 0; ``head_stride``/``pos_stride`` in
-// elements; ``scores`` is an fp32 buffer of at least n.
+// kv_heads). ``q`` and ``out`` point at head 0 of the row; ``k``/``v`` at kv head 0, position 0;
+// ``head_stride``/``pos_stride`` in elements; ``scores`` is an fp32 buffer of at least n.
 template <typename T>
-void attend(const T* q, const T* k, const T* v, int64_t head_stride, int64_t pos_stride, T* out, int64_t heads,
-            int64_t kv_heads, int64_t n, int64_t dim, float scale, float* scores) {
-  const int64_t group = heads / kv_heads;
-  std::vector<float> qf(dim), acc(dim);
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t g = h / group;
-    for (int64_t i = 0; i < dim; ++i) qf[i] = f(q[h * dim + i]);
-    float top = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) {
-      const T* kt = k + g * head_stride + t * pos_stride;
-      float d = 0.f;
+void attend(const T* q, const T* k, const T* v, int64_t head_stride, int64_t pos_stride, T* out, int64_t h,
+            int64_t heads, int64_t kv_heads, int64_t n, int64_t dim, float scale, float* scores) {
+  const int64_t g = h / (heads / kv_heads);
+  std::vector<float> qf(dim), acc(dim, 0.f);
+  for (int64_t i = 0; i < dim; ++i) qf[i] = f(q[h * dim + i]);
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    const T* kt = k + g * head_stride + t * pos_stride;
+    float d = 0.f;
 #pragma omp simd reduction(+ : d)
-      for (int64_t i = 0; i < dim; ++i) d += qf[i] * f(kt[i]);
-      scores[t] = d * scale;
-      top = std::max(top, scores[t]);
-    }
-    float total = 0.f;
-    for (int64_t t = 0; t < n; ++t) {
-      scores[t] = std::exp(scores[t] - top);
-      total += scores[t];
-    }
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t t = 0; t < n; ++t) {
-      const T* vt = v + g * head_stride + t * pos_stride;
-      const float w = scores[t];
-#pragma omp simd
-      for (int64_t i = 0; i < dim; ++i) acc[i] += w * f(vt[i]);
-    }
-    const float inv = 1.0f / total;
-    for (int64_t i = 0; i < dim; ++i) out[h * dim + i] = static_cast<T>(acc[i] * inv);
+    for (int64_t i = 0; i < dim; ++i) d += qf[i] * f(kt[i]);
+    scores[t] = d * scale;
+    top = std::max(top, scores[t]);
   }
+  float total = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    scores[t] = std::exp(scores[t] - top);
+    total += scores[t];
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const T* vt = v + g * head_stride + t * pos_stride;
+    const float w = scores[t];
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) acc[i] += w * f(vt[i]);
+  }
+  const float inv = 1.0f / total;
+  for (int64_t i = 0; i < dim; ++i) out[h * dim + i] = static_cast<T>(acc[i] * inv);
 }
+
+// fn(i0, i1) over 0..n-1, split between the threads the products use; each item is computed
+// whole by one thread, so the split does not change the results.
+template <typename F>
+void split(int64_t n, F fn) {
+#ifdef TUNESMITH_AVX512
+  over_rows(n, fn, 1, 1);
+#else
+  at::parallel_for(0, n, 1, fn);
+#endif
+}
+
+// heads x positions attended in a layer from which attention is split between threads
+constexpr int64_t SPLIT_ATTENTION = 4096;
 
 class Step {
  public:
@@ -393,9 +514,11 @@ class Step {
 
   // Feed ``tokens[b]`` at position ``positions[b]`` for each row b; ``k``/``v`` are the cache,
   // (layers, rows, kv_heads, length, head_dim), row b's written at its position. Returns the
-  // float logits (rows, vocab). A row's logits and cache do not depend on the other rows.
+  // float logits (rows, vocab). A row's logits and cache do not depend on the other rows, as
+  // long as ``tiles`` is the same: bf16 products on AMX tiles where the CPU has them (what a
+  // batch should take), or the AVX-512 loop (a little faster for one row alone).
   at::Tensor operator()(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions, at::Tensor k,
-                        at::Tensor v) {
+                        at::Tensor v, bool tiles) {
     c10::InferenceMode guard;
     const int64_t rows = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(rows >= 1 && positions.size() == tokens.size(), "one position per token");
@@ -409,7 +532,7 @@ class Step {
                 "the cache's dtype is not the model's");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embed_.scalar_type(), "decode_step", [&] {
-      out = run<scalar_t>(tokens, positions, k, v);
+      out = run<scalar_t>(tokens, positions, k, v, tiles);
     });
 #ifdef TUNESMITH_AVX512
     pool().rest();
@@ -420,24 +543,26 @@ class Step {
  private:
   template <typename T>
   at::Tensor run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions, const at::Tensor& k,
-                 const at::Tensor& v) {
+                 const at::Tensor& v, bool tiles) {
     const int64_t rows = static_cast<int64_t>(tokens.size());
     const int64_t hidden = embed_.size(1);
     const int64_t q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     const float eps = static_cast<float>(eps_);
     const int64_t longest = *std::max_element(positions.begin(), positions.end()) + 1;
+    int64_t attended = 0;  // positions attended over, all rows
+    for (const int64_t p : positions) attended += p + 1;
     at::Tensor x = embed_.index_select(0, at::tensor(tokens, at::kLong));  // (rows, hidden), a copy
     at::Tensor h = at::empty_like(x);
     at::Tensor act = at::empty({rows, intermediate_}, x.options());
     at::Tensor squares = at::empty({hidden}, x.options().dtype(at::kFloat));
     at::Tensor attn = at::empty({rows, q_size}, x.options());
-    at::Tensor scores = at::empty({longest}, x.options().dtype(at::kFloat));
+    at::Tensor scores = at::empty({rows * heads_, longest}, x.options().dtype(at::kFloat));
     T* xp = x.data_ptr<T>();
     T* hp = h.data_ptr<T>();
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, l.ln1.data_ptr<T>(), hp + b * hidden, squares, eps);
-      at::Tensor qkv = product(l.qkv, l.qkv_scale, h);
+      at::Tensor qkv = product(l.qkv, l.qkv_scale, h, tiles);
       const int64_t width = qkv.size(1);
       for (int64_t b = 0; b < rows; ++b) {
         const int64_t pos = positions[b];
@@ -455,24 +580,38 @@ class Step {
           std::copy(q + q_size + kv_size + g * head_dim_, q + q_size + kv_size + (g + 1) * head_dim_,
                     values + g * v.stride(2) + pos * v.stride(3));
         }
-        attend(q, keys, values, k.stride(2), k.stride(3), attn.data_ptr<T>() + b * q_size, heads_, kv_heads_, pos + 1,
-               head_dim_, static_cast<float>(scaling_), scores.data_ptr<float>());
       }
-      at::Tensor o = product(l.o, l.o_scale, attn);
+      // attention, one (row, head) per item; split between the threads where it is long enough
+      // to pay for waking them (about 27 ns a head and position here)
+      const auto heads_of = [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t b = j / heads_, h = j % heads_;
+          attend(qkv.data_ptr<T>() + b * width, k.data_ptr<T>() + i * k.stride(0) + b * k.stride(1),
+                 v.data_ptr<T>() + i * v.stride(0) + b * v.stride(1), k.stride(2), k.stride(3),
+                 attn.data_ptr<T>() + b * q_size, h, heads_, kv_heads_, positions[b] + 1, head_dim_,
+                 static_cast<float>(scaling_), scores.data_ptr<float>() + j * longest);
+        }
+      };
+      if (heads_ * attended >= SPLIT_ATTENTION) {
+        split(rows * heads_, heads_of);
+      } else {
+        heads_of(0, rows * heads_);
+      }
+      at::Tensor o = product(l.o, l.o_scale, attn, tiles);
       add(xp, o.data_ptr<T>(), rows * hidden);
       for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, l.ln2.data_ptr<T>(), hp + b * hidden, squares, eps);
-      at::Tensor gu = product(l.gate_up, l.gate_up_scale, h);
+      at::Tensor gu = product(l.gate_up, l.gate_up_scale, h, tiles);
       for (int64_t b = 0; b < rows; ++b) {
         silu_mul(gu[b].narrow(0, 0, intermediate_), gu[b].data_ptr<T>() + intermediate_,
                  act.data_ptr<T>() + b * intermediate_);
       }
-      at::Tensor d = product(l.down, l.down_scale, act);
+      at::Tensor d = product(l.down, l.down_scale, act, tiles);
       add(xp, d.data_ptr<T>(), rows * hidden);
     }
     for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, norm_.data_ptr<T>(), hp + b * hidden, squares, eps);
     // to fp32 here rather than with .to(): that copy would be a parallel region of PyTorch's
     // OpenMP pool, whose threads then spin beside the products' own
-    const at::Tensor logits = product(head_, head_scale_, h);
+    const at::Tensor logits = product(head_, head_scale_, h, tiles);
     at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
     const T* lp = logits.data_ptr<T>();
     float* op = out.data_ptr<float>();
@@ -486,13 +625,41 @@ class Step {
   double eps_, scaling_;
 };
 
+bool set_tiles(bool allowed) {
+#ifdef TUNESMITH_AVX512
+  tiles_allowed.store(allowed);
+  return has_amx();
+#else
+  return false;
+#endif
+}
+
+// The number of threads PyTorch's OpenMP operators use when called from this thread (OpenMP
+// keeps it per thread); returns the previous number. The server's loop samples with one: its
+// operators over one vocabulary are too small to gain from a second thread, and off the main
+// thread a second one is woken from sleep for each of them (bench/NOTES.md, decoding round 5).
+int threads_here(int n) {
+#ifdef _OPENMP
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(std::max(1, n));
+  return before;
+#else
+  return 1;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Step>(m, "Step")
       .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double, double>())
-      .def("__call__", &Step::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("product", &product, "w @ x as the step computes it (for tests)", pybind11::arg("w"), pybind11::arg("scale"),
-        pybind11::arg("x"));
+      .def("__call__", &Step::operator(), pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("k"),
+           pybind11::arg("v"), pybind11::arg("tiles"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("threads_here", &threads_here, "OpenMP threads of PyTorch's operators on this thread; returns the previous",
+        pybind11::arg("n"));
+  m.def("set_tiles", &set_tiles, "allow AMX tiles for bf16 products (default) or not; returns whether they are used",
+        pybind11::arg("allowed"));
+  m.def("product", &product, "x @ w.T as the step computes it (for tests)", pybind11::arg("w"), pybind11::arg("scale"),
+        pybind11::arg("x"), pybind11::arg("tiles") = true);
 }

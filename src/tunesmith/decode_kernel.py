@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode_kernel.cpp")
@@ -67,6 +68,23 @@ def load(*, quiet: bool = False):
                     warnings.warn(f"the C++ decoding step could not be built ({_failed}); decoding uses the "
                                   f"Python step (set {ENV}=off to skip the build)", stacklevel=2)
     return _module
+
+
+@contextmanager
+def one_thread():
+    """PyTorch's operators on this thread run on one OpenMP thread inside the block (where the
+    extension is built; elsewhere nothing changes). The server's loop samples in it: operators
+    over one vocabulary gain nothing from a second thread, and off the main thread that thread is
+    woken from sleep for each of them."""
+    module = _module
+    if module is None:
+        yield
+        return
+    before = module.threads_here(1)
+    try:
+        yield
+    finally:
+        module.threads_here(before)
 
 
 def failure() -> str | None:

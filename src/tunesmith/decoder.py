@@ -361,7 +361,8 @@ class Decoder:
         if end > cache.length:
             raise ValueError(f"the cache holds {cache.length} positions, {end} needed")
         if t == 1 and self.use_kernel and (step := self.kernel()) is not None:
-            logits = step(tokens[:, 0].tolist(), [start] * rows, cache.k, cache.v)
+            # one row alone: the AVX-512 products (a little faster); a batch: AMX tiles (kernel docs)
+            logits = step(tokens[:, 0].tolist(), [start] * rows, cache.k, cache.v, rows > 1)
             cache.filled = end
             return logits
         x = F.embedding(tokens, self.embed)
@@ -403,9 +404,10 @@ class Decoder:
 
         It runs the C++ step where it is available (``kernel``), whose rows each get the bits
         they get alone, whatever the other rows (its products sum every row and vector in one
-        fixed order); elsewhere ``step_static`` (on ``pack``ed weights, which keep rows apart too)."""
+        fixed order, on AMX tiles where the CPU has them, for one row too); elsewhere
+        ``step_static`` (on ``pack``ed weights, which keep rows apart too)."""
         if self.use_kernel and (step := self.kernel()) is not None:
-            return step(tokens, positions, k, v)
+            return step(tokens, positions, k, v, True)  # tiles at every batch size: a row's bits never change
         device = self.embed.device
         return self.step_static(torch.tensor(tokens, device=device), torch.tensor(positions, device=device), k, v)
 
