@@ -1,4 +1,4 @@
-"""The one-row decoding step in C++ (``decode_kernel.cpp``), built once per machine on first use.
+"""The decoding step in C++ (``decode_kernel.cpp``), for one or several rows, built once per machine.
 
 At batch 1 on a CPU, a step of the Python decoder (``decoder.Decoder.forward``) spends about a
 third of its time outside the weight products, in ~1,500 small dispatched operators (norms,
@@ -6,10 +6,14 @@ rotary embedding, residual adds, views, attention), and its products (``torch.mv
 ``torch._weight_int8pack_mm``) read the weights at about 15 and 10 GB/s. The C++ step does the
 vector work between the products and the one-query attention in plain loops, and the products
 of a bf16 model (bf16 or int8 weights) in AVX-512 loops that fetch the weights ahead of use
-(about 20 GB/s); elsewhere (fp32, no AVX-512) its products are PyTorch's. The bundled model:
-about 61 tokens/s in bf16 against 32 for the Python step, 90 against 46 with int8 weights
-(measured here, bench/NOTES.md). ``torch.compile`` was measured slower than the eager step here,
-which is why this is written out rather than generated.
+(about 20 GB/s); several bf16 rows multiply on AMX tiles where the CPU has them (4 rows cost
+about what 1 does). Elsewhere (fp32, no AVX-512) its products are PyTorch's. Off the main
+thread its products run on helper threads of its own (PyTorch's second OpenMP team there sleeps
+between calls). Every row's results are the same whatever the other rows, which is what lets the
+server batch its users. The bundled model, ``generate``: about 61 tokens/s in bf16 against 32
+for the Python step, 90 against 46 with int8 weights (measured here, bench/NOTES.md, decoding
+round 5). ``torch.compile`` was measured slower than the eager step here, which is why this is
+written out rather than generated.
 
 It is built with PyTorch's own extension builder (``torch.utils.cpp_extension.load``: a C++
 compiler and ninja, about 30 s on 2 cores) into PyTorch's extension cache

@@ -277,8 +277,8 @@ class Decoder:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self._compiled = None
         self._pack_lock = threading.Lock()
-        self._kernel = None  # the C++ one-row step: None until tried, False where it cannot be had
-        self.use_kernel = True  # False: one-row steps stay on the Python path (tests compare the two)
+        self._kernel = None  # the C++ step: None until tried, False where it cannot be had
+        self.use_kernel = True  # False: steps stay on the Python path (tests compare the two)
 
     def pack(self) -> None:
         """Multiply several rows on oneDNN's reordered copy of every bf16 weight from now on (see
@@ -310,7 +310,7 @@ class Decoder:
         return x * cos + rotated * sin
 
     def kernel(self):
-        """The C++ one-row step over these weights (``decode_kernel``), or None where it cannot be
+        """The C++ decoding step over these weights (``decode_kernel``), or None where it cannot be
         had (not a CPU, not built, turned off)."""
         if self._kernel is None:
             with self._pack_lock:
