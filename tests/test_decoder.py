@@ -343,8 +343,8 @@ def test_kernel_turned_off_keeps_the_python_step(tiny_model_dir, monkeypatch):
 @pytest.mark.real_model
 def test_real_model_kernel_step_keeps_the_python_steps_distribution(real_base_dir):
     """bf16, the bundled model, 100 teacher-forced steps: the C++ step rounds differently from the
-    Python step (attention in fp32 without PyTorch's blocking); measured: mean KL 8e-4, the top
-    token the same in 99 of 100 steps."""
+    Python step (its products and attention sum in other orders); measured: mean KL 6.5e-4, at
+    most 4.0e-3, the top token the same in 98 of 100 steps (int8 weights: 7.0e-4, 4.9e-3, 100)."""
     m = load("smollm2-135m")
     _kernel_or_skip(m.decoder)
     prompt = "To Sherlock Holmes she is always the woman. I have seldom heard him mention her under any other name."
