@@ -438,3 +438,41 @@ def _rows_hold_their_bits(m, dec):
         got = dec.step_rows([7], [len(prompts[0])], fresh.k, fresh.v)
         p, q = want.log_softmax(-1), got.log_softmax(-1)
         assert float((p.exp() * (p - q)).sum()) < 1e-2
+
+
+def test_kernel_products_off_the_main_thread_hold_their_bits_as_threads_grow():
+    """Off the main thread the products run on the extension's own helper threads (the server's
+    loop): the same bits as on the main thread, also after the thread count grows and new helpers
+    join (a helper must not pick up an old job)."""
+    import threading
+
+    from tunesmith import decode_kernel
+
+    module = decode_kernel.load(quiet=True)
+    if module is None:
+        pytest.skip(f"the C++ decoding step is not available here: {decode_kernel.failure()}")
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(3072, 576, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(4, 576, generator=g).to(torch.bfloat16)
+    want = module.product(w, torch.empty(0), x)
+    got, errors = [], []
+
+    def work():
+        try:
+            for threads in (1, 2, 3, 2):
+                torch.set_num_threads(threads)
+                got.extend(module.product(w, torch.empty(0), x, tiles) for tiles in (True, False))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    before = torch.get_num_threads()
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join(60)
+    finally:
+        torch.set_num_threads(before)
+    assert not worker.is_alive() and not errors
+    assert len(got) == 8
+    assert all(torch.equal(a, want) for a in got[0::2])  # tiles, as on the main thread
+    assert all(torch.equal(a, got[1]) for a in got[1::2])  # the AVX-512 loop, at every thread count

@@ -178,13 +178,14 @@ class Pool {
     if (parts <= 1) return part(0, 1);
     std::lock_guard<std::mutex> caller(run_);
     if (owner_ != getpid()) {  // a forked child has none of its parent's threads: start afresh
-      for (auto& t : threads_) t.detach();
+      new std::vector<std::thread>(std::move(threads_));  // left alone: destroying them would terminate
       threads_.clear();
       owner_ = getpid();
     }
     while (static_cast<int>(threads_.size()) < parts - 1) {
       const int index = static_cast<int>(threads_.size()) + 1;
-      threads_.emplace_back([this, index] { work(index); });
+      const uint64_t now = generation_.load(std::memory_order_acquire);  // it waits for the next job
+      threads_.emplace_back([this, index, now] { work(index, now); });
     }
     job_ = &part;
     parts_ = parts;
@@ -216,8 +217,7 @@ class Pool {
     }
   }
 
-  void work(int index) {
-    uint64_t seen = 0;
+  void work(int index, uint64_t seen) {
     for (;;) {
       const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(SPIN_SECONDS);
       int polls = 0;
