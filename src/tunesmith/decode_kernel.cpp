@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
 
+#include <dlfcn.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -501,6 +502,209 @@ void attend(const T* q, const T* k, const T* v, int64_t head_stride, int64_t pos
   for (int64_t i = 0; i < dim; ++i) out[h * dim + i] = static_cast<T>(acc[i] * inv);
 }
 
+#ifdef TUNESMITH_AVX512
+// The same vector work for bf16 rows in AVX-512, 16 values a register. Each value gets the
+// roundings of the loops above (to bf16 wherever they round, nearest-even like c10::BFloat16);
+// what differs is the order of sums (the norm's squares, attention's dot products) and exp, a
+// polynomial good to about 2 ulp in fp32 (std::exp: under 1). Scalar, the bf16 step spent about
+// 0.7 ms a row outside its products and 50 ns a head and position in attention; these take a
+// fraction of that (bench/NOTES.md, decoding round 6).
+#define TUNESMITH_VEC __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+TUNESMITH_VEC inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+TUNESMITH_VEC inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// fp32 to bf16, nearest-even (vcvtneps2bf16; c10::BFloat16 rounds the same way)
+TUNESMITH_VEC inline __m512 round16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+TUNESMITH_VEC inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+TUNESMITH_VEC inline void store16(at::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+
+// e^x: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r (Cephes' expf), times 2^n
+TUNESMITH_VEC inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.972084045410f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+TUNESMITH_VEC void rms_norm_vec(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* out, int64_t n, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = load16(x + i, lanes(n - i));
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(n) + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    store16(out + i, _mm512_mul_ps(load16(w + i, m), round16(_mm512_mul_ps(load16(x + i, m), r))), m);
+  }
+}
+
+TUNESMITH_VEC void add_vec(at::BFloat16* x, const at::BFloat16* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    store16(x + i, _mm512_add_ps(load16(x + i, m), load16(y + i, m)), m);
+  }
+}
+
+TUNESMITH_VEC void silu_mul_vec(const at::BFloat16* gate, const at::BFloat16* up, at::BFloat16* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    const __m512 g = load16(gate + i, m);
+    const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    store16(out + i, _mm512_mul_ps(s, load16(up + i, m)), m);
+  }
+}
+
+// rotate() for head dims that are multiples of 32 (the halves in whole registers)
+TUNESMITH_VEC void rotate_vec(at::BFloat16* x, const at::BFloat16* cos, const at::BFloat16* sin, int64_t heads,
+                              int64_t dim) {
+  const int64_t half = dim / 2;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t h = 0; h < heads; ++h) {
+    at::BFloat16* head = x + h * dim;
+    for (int64_t i = 0; i < half; i += 16) {
+      const __m512 lo = load16(head + i), hi = load16(head + half + i);
+      const __m512 a_lo = round16(_mm512_mul_ps(lo, load16(cos + i)));
+      const __m512 b_lo = round16(_mm512_mul_ps(_mm512_sub_ps(zero, hi), load16(sin + i)));
+      const __m512 a_hi = round16(_mm512_mul_ps(hi, load16(cos + half + i)));
+      const __m512 b_hi = round16(_mm512_mul_ps(lo, load16(sin + half + i)));
+      store16(head + i, _mm512_add_ps(a_lo, b_lo));
+      store16(head + half + i, _mm512_add_ps(a_hi, b_hi));
+    }
+  }
+}
+
+// attend() for head dims that are multiples of 32: each score a vdpbf16ps dot product of the
+// bf16 query and key (pairs summed in fp32), softmax with exp16, values summed in fp32 registers.
+TUNESMITH_VEC void attend_vec(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, int64_t head_stride,
+                              int64_t pos_stride, at::BFloat16* out, int64_t h, int64_t heads, int64_t kv_heads,
+                              int64_t n, int64_t dim, float scale, float* scores) {
+  const int64_t g = h / (heads / kv_heads), chunks = dim / 32;
+  constexpr int64_t MAX_CHUNKS = 8;  // head dims up to 256
+  __m512bh qv[MAX_CHUNKS];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + h * dim + c * 32);
+  const at::BFloat16* kg = k + g * head_stride;
+  __m512 top16 = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t < n; ++t) {
+    const at::BFloat16* kt = kg + t * pos_stride;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kt + c * 32), qv[c]);
+    scores[t] = _mm512_reduce_add_ps(acc) * scale;
+  }
+  for (t = 0; t < n; t += 16) top16 = _mm512_mask_max_ps(top16, lanes(n - t), top16, _mm512_maskz_loadu_ps(lanes(n - t), scores + t));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
+  __m512 total16 = _mm512_setzero_ps();
+  for (t = 0; t < n; t += 16) {
+    const __mmask16 m = lanes(n - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), top));
+    _mm512_mask_storeu_ps(scores + t, m, e);
+    total16 = _mm512_add_ps(total16, _mm512_maskz_mov_ps(m, e));
+  }
+  const float total = _mm512_reduce_add_ps(total16);
+  const at::BFloat16* vg = v + g * head_stride;
+  __m512 acc[2 * MAX_CHUNKS];
+  for (int64_t c = 0; c < 2 * chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (t = 0; t < n; ++t) {
+    const at::BFloat16* vt = vg + t * pos_stride;
+    const __m512 w = _mm512_set1_ps(scores[t]);
+    for (int64_t c = 0; c < 2 * chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vt + c * 16), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / total);
+  for (int64_t c = 0; c < 2 * chunks; ++c) store16(out + h * dim + c * 16, _mm512_mul_ps(acc[c], inv));
+}
+#endif
+
+// The vector work of a row: the AVX-512 versions for bf16 where the CPU has them, else the loops above.
+template <typename T>
+constexpr bool vec_type() {
+#ifdef TUNESMITH_AVX512
+  return std::is_same<T, at::BFloat16>::value;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void row_norm(const T* x, const T* w, T* out, int64_t n, float eps) {
+#ifdef TUNESMITH_AVX512
+  if constexpr (vec_type<T>()) {
+    if (has_avx512_bf16()) return rms_norm_vec(x, w, out, n, eps);
+  }
+#endif
+  rms_norm(x, w, out, n, eps);
+}
+
+template <typename T>
+void row_add(T* x, const T* y, int64_t n) {
+#ifdef TUNESMITH_AVX512
+  if constexpr (vec_type<T>()) {
+    if (has_avx512_bf16()) return add_vec(x, y, n);
+  }
+#endif
+  add(x, y, n);
+}
+
+template <typename T>
+void row_silu_mul(const T* gate, const T* up, T* out, int64_t n) {
+#ifdef TUNESMITH_AVX512
+  if constexpr (vec_type<T>()) {
+    if (has_avx512_bf16()) return silu_mul_vec(gate, up, out, n);
+  }
+#endif
+  silu_mul(gate, up, out, n);
+}
+
+template <typename T>
+void row_rotate(T* x, const T* cos, const T* sin, int64_t heads, int64_t dim) {
+#ifdef TUNESMITH_AVX512
+  if constexpr (vec_type<T>()) {
+    if (has_avx512_bf16() && dim % 32 == 0) return rotate_vec(x, cos, sin, heads, dim);
+  }
+#endif
+  rotate(x, cos, sin, heads, dim);
+}
+
+template <typename T>
+void row_attend(const T* q, const T* k, const T* v, int64_t head_stride, int64_t pos_stride, T* out, int64_t h,
+                int64_t heads, int64_t kv_heads, int64_t n, int64_t dim, float scale, float* scores) {
+#ifdef TUNESMITH_AVX512
+  if constexpr (vec_type<T>()) {
+    if (has_avx512_bf16() && dim % 32 == 0 && dim <= 256)
+      return attend_vec(q, k, v, head_stride, pos_stride, out, h, heads, kv_heads, n, dim, scale, scores);
+  }
+#endif
+  attend(q, k, v, head_stride, pos_stride, out, h, heads, kv_heads, n, dim, scale, scores);
+}
+
 // fn(i0, i1) over 0..n-1, split between the threads the products use; each item is computed
 // whole by one thread, so the split does not change the results.
 template <typename F>
@@ -577,7 +781,7 @@ class Step {
     T* hp = h.data_ptr<T>();
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
-      for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, l.ln1.data_ptr<T>(), hp + b * hidden, hidden, eps);
+      for (int64_t b = 0; b < rows; ++b) row_norm(xp + b * hidden, l.ln1.data_ptr<T>(), hp + b * hidden, hidden, eps);
       at::Tensor qkv = product(l.qkv, l.qkv_scale, h, tiles);
       const int64_t width = qkv.size(1);
       for (int64_t b = 0; b < rows; ++b) {
@@ -585,8 +789,8 @@ class Step {
         const T* cos = cos_[pos].data_ptr<T>();
         const T* sin = sin_[pos].data_ptr<T>();
         T* q = qkv.data_ptr<T>() + b * width;
-        rotate(q, cos, sin, heads_, head_dim_);
-        rotate(q + q_size, cos, sin, kv_heads_, head_dim_);
+        row_rotate(q, cos, sin, heads_, head_dim_);
+        row_rotate(q + q_size, cos, sin, kv_heads_, head_dim_);
         // row b's cache in this layer, (kv_heads, length, head_dim): the new key and value go in at ``pos``
         T* keys = k.data_ptr<T>() + i * k.stride(0) + b * k.stride(1);
         T* values = v.data_ptr<T>() + i * v.stride(0) + b * v.stride(1);
@@ -602,7 +806,7 @@ class Step {
       const auto heads_of = [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t b = j / heads_, h = j % heads_;
-          attend(qkv.data_ptr<T>() + b * width, k.data_ptr<T>() + i * k.stride(0) + b * k.stride(1),
+          row_attend(qkv.data_ptr<T>() + b * width, k.data_ptr<T>() + i * k.stride(0) + b * k.stride(1),
                  v.data_ptr<T>() + i * v.stride(0) + b * v.stride(1), k.stride(2), k.stride(3),
                  attn.data_ptr<T>() + b * q_size, h, heads_, kv_heads_, positions[b] + 1, head_dim_,
                  static_cast<float>(scaling_), scores.data_ptr<float>() + j * longest);
@@ -614,17 +818,17 @@ class Step {
         heads_of(0, rows * heads_);
       }
       at::Tensor o = product(l.o, l.o_scale, attn, tiles);
-      add(xp, o.data_ptr<T>(), rows * hidden);
-      for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, l.ln2.data_ptr<T>(), hp + b * hidden, hidden, eps);
+      row_add(xp, o.data_ptr<T>(), rows * hidden);
+      for (int64_t b = 0; b < rows; ++b) row_norm(xp + b * hidden, l.ln2.data_ptr<T>(), hp + b * hidden, hidden, eps);
       at::Tensor gu = product(l.gate_up, l.gate_up_scale, h, tiles);
       for (int64_t b = 0; b < rows; ++b) {
         const T* g = gu.data_ptr<T>() + b * 2 * intermediate_;
-        silu_mul(g, g + intermediate_, act.data_ptr<T>() + b * intermediate_, intermediate_);
+        row_silu_mul(g, g + intermediate_, act.data_ptr<T>() + b * intermediate_, intermediate_);
       }
       at::Tensor d = product(l.down, l.down_scale, act, tiles);
-      add(xp, d.data_ptr<T>(), rows * hidden);
+      row_add(xp, d.data_ptr<T>(), rows * hidden);
     }
-    for (int64_t b = 0; b < rows; ++b) rms_norm(xp + b * hidden, norm_.data_ptr<T>(), hp + b * hidden, hidden, eps);
+    for (int64_t b = 0; b < rows; ++b) row_norm(xp + b * hidden, norm_.data_ptr<T>(), hp + b * hidden, hidden, eps);
     // to fp32 here rather than with .to(): that copy would be a parallel region of PyTorch's
     // OpenMP pool, whose threads then spin beside the products' own
     const at::Tensor logits = product(head_, head_scale_, h, tiles);
@@ -664,6 +868,20 @@ int threads_here(int n) {
 #endif
 }
 
+// The same for MKL's vector math, which PyTorch calls for exp and log over long float tensors
+// (the sampler's over the vocabulary) and which keeps a thread count of its own, not OpenMP's:
+// a second thread it wakes there spins on for milliseconds after each call, on the CPU the next
+// step's products need (the server's 1-row step: 17.5 ms against 14). Returns the previous
+// thread-local count (0: MKL's global one), or -1 where PyTorch has no MKL.
+int mkl_threads_here(int n) {
+  using Set = int (*)(int);
+  static const Set set = [] {
+    void* torch = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    return torch == nullptr ? nullptr : reinterpret_cast<Set>(dlsym(torch, "MKL_Set_Num_Threads_Local"));
+  }();
+  return set == nullptr ? -1 : set(std::max(0, n));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -673,6 +891,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &Step::operator(), pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("k"),
            pybind11::arg("v"), pybind11::arg("tiles"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("threads_here", &threads_here, "OpenMP threads of PyTorch's operators on this thread; returns the previous",
+        pybind11::arg("n"));
+  m.def("mkl_threads_here", &mkl_threads_here,
+        "MKL threads of this thread (0: MKL's global count); returns the previous, -1 without MKL",
         pybind11::arg("n"));
   m.def("set_tiles", &set_tiles, "allow AMX tiles for bf16 products (default) or not; returns whether they are used",
         pybind11::arg("allowed"));

@@ -76,19 +76,22 @@ def load(*, quiet: bool = False):
 
 @contextmanager
 def one_thread():
-    """PyTorch's operators on this thread run on one OpenMP thread inside the block (where the
-    extension is built; elsewhere nothing changes). The server's loop samples in it: operators
-    over one vocabulary gain nothing from a second thread, and off the main thread that thread is
-    woken from sleep for each of them."""
+    """PyTorch's operators on this thread run on one thread inside the block, OpenMP's and MKL's
+    (where the extension is built; elsewhere nothing changes). The server's loop samples in it:
+    operators over one vocabulary gain nothing from a second thread, off the main thread that
+    thread is woken from sleep for each of them, and then spins on beside the next step."""
     module = _module
     if module is None:
         yield
         return
     before = module.threads_here(1)
+    mkl_before = module.mkl_threads_here(1)
     try:
         yield
     finally:
         module.threads_here(before)
+        if mkl_before >= 0:
+            module.mkl_threads_here(mkl_before)
 
 
 def failure() -> str | None:
