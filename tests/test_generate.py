@@ -220,11 +220,13 @@ def test_sampled_logprobs_are_the_models_not_the_shaped_ones(model32):
 LOGITS = [2.0, 1.2, 0.9, 0.3, -0.4, -1.0, -2.5, 0.0]
 
 
-def _ref_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, seen=()):
-    """Plain-Python reference: penalty, temperature, top-k, top-p (smallest top set reaching top_p)."""
+def _ref_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, seen=(), bias=None):
+    """Plain-Python reference: logit bias, penalty, temperature, top-k, top-p (smallest top set reaching top_p)."""
     import math
 
     x = list(logits)
+    for i, b in (bias or {}).items():
+        x[i] += b
     for i in set(seen):
         x[i] = x[i] / penalty if x[i] > 0 else x[i] * penalty
     x = [v / temperature for v in x]
@@ -263,6 +265,9 @@ def _ref_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, seen
         {"penalty": 1.5, "seen": [0, 0, 4]},
         {"penalty": 2.0, "seen": [1, 5], "top_k": 2},
         {"penalty": 0.5, "seen": [3]},
+        {"bias": {0: -100.0}},
+        {"bias": {5: 2.5, 1: -1.0}, "top_p": 0.8},
+        {"bias": {2: 1.0}, "penalty": 1.5, "seen": [2], "top_k": 3},
     ],
 )
 def test_shaped_distribution_matches_the_reference(settings):
@@ -272,7 +277,8 @@ def test_shaped_distribution_matches_the_reference(settings):
 
     s = dict(settings)
     params = SamplingParams(temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0),
-                            top_p=s.get("top_p", 1.0), repetition_penalty=s.get("penalty", 1.0))
+                            top_p=s.get("top_p", 1.0), repetition_penalty=s.get("penalty", 1.0),
+                            logit_bias=s.get("bias"))
     seen = torch.tensor([s["seen"]]) if "seen" in s else None
     probs = _shape_logits(torch.tensor([LOGITS]), seen, params).softmax(-1)[0]
     assert probs.tolist() == pytest.approx(_ref_probs(LOGITS, **s), abs=1e-6)
@@ -334,7 +340,9 @@ def test_temperature_zero_is_argmax_after_the_penalty():
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-     ({"n": 0}, "n"), ({"max_tokens": 10**6}, "max_tokens")],
+     ({"n": 0}, "n"), ({"max_tokens": 10**6}, "max_tokens"), ({"logit_bias": {0: 101}}, "logit_bias"),
+     ({"logit_bias": {-1: 1.0}}, "logit_bias"), ({"logit_bias": {10**9: 1.0}}, "logit_bias"),
+     ({"logit_bias": {0: float("nan")}}, "logit_bias"), ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias")],
 )
 def test_bad_sampling_settings_name_the_field(model, kwargs, field):
     with pytest.raises(TunesmithError) as info:
@@ -391,6 +399,8 @@ def test_a_pass_outside_decoding_steps_waits_until_onednn_is_back_on():
     {"temperature": 0.7, "top_k": 40, "top_p": 0.9},
     {"temperature": 1.2},
     {"temperature": 1.0, "top_p": 0.99},  # flat rows need more than the first 256 candidates
+    {"temperature": 0.8, "top_p": 0.95, "logit_bias": {7: -100, 11: 5.0}},
+    {"temperature": 0.0, "logit_bias": {3: 30.0}},
 ])
 def test_rows_sampled_together_draw_what_each_draws_alone(settings):
     """The server samples the rows of a step together, each with its own generator: every row must
@@ -415,3 +425,17 @@ def test_rows_sampled_together_draw_what_each_draws_alone(settings):
     if settings.get("temperature") and not settings.get("top_k") and settings.get("top_p", 1.0) < 1.0:
         # draws differ between rows (their own generators), and tokens lie within each row's top-p set
         assert len({int(t) for t in tokens}) > 1
+
+
+def test_logit_bias_bans_and_forces_tokens(model):
+    """-100 on the greedy choice's token moves greedy decoding off it at every step; +100 on one
+    token makes it every sampled token; the same request without a bias is unchanged."""
+    plain = model.generate("The", max_tokens=6, temperature=0)[0]
+    first = model.tokenizer.encode(plain.tokens[0], add_special_tokens=False)[0]
+    banned = model.generate("The", max_tokens=6, temperature=0, logit_bias={first: -100})[0]
+    ids = [model.tokenizer.encode(t, add_special_tokens=False) for t in banned.tokens]
+    assert all(first not in i for i in ids)
+    assert banned.text != plain.text
+    forced = model.generate("The", max_tokens=5, temperature=1.0, seed=3, logit_bias={42: 100})[0]
+    assert forced.text == model.tokenizer.decode([42] * 5)
+    assert model.generate("The", max_tokens=6, temperature=0)[0].text == plain.text

@@ -287,6 +287,30 @@ def test_prompt_token_ids_must_be_in_the_vocabulary(client, tiny_model_dir):
     assert ok.json()["choices"][0]["text"].startswith("The harbour at night" + tok.decode([vocab - 1]))
 
 
+def test_logit_bias_is_applied_and_checked(client):
+    """OpenAI's logit_bias: token ids as JSON keys; +100 makes every token that one (chat too, and
+    while streaming); a key that is no token id, an id outside the vocabulary or a bias outside
+    -100..100 is a 400 naming logit_bias, and gives its slot back."""
+    from tunesmith import load
+
+    tok = load("tiny-llama").tokenizer
+    body = {"model": "tiny-llama", "prompt": "The harbour", "max_tokens": 4, "temperature": 1.0, "seed": 5,
+            "logit_bias": {"42": 100}}
+    data = client.post("/v1/completions", json=body)
+    assert data.status_code == 200, data.text
+    assert data.json()["choices"][0]["text"] == tok.decode([42] * 4)
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "logit_bias": {"42": 100}, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=chat) as resp:
+        raw = "".join(resp.iter_text())
+    deltas = [json.loads(b[6:]) for b in raw.split("\n\n") if b.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in deltas if c["choices"]) == tok.decode([42] * 3)
+    for bias, words in (({"x": 1}, "not a token id"), ({"999999": 1}, "token id 999999"), ({"3": 101}, "between -100 and 100")):
+        err = _error(client.post("/v1/completions", json={**body, "logit_bias": bias}), 400)
+        assert err["param"] == "logit_bias" and words in err["message"], err
+    assert client.app.state.queue.admitted == 0
+
+
 def test_an_empty_body_says_what_is_missing(client):
     for route, needed in (("/v1/completions", ["'model'"]), ("/v1/chat/completions", ["'model'", "'messages'"]),
                           ("/v1/fine_tuning/jobs", ["'model'", "'training_file'"])):

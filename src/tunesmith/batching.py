@@ -121,7 +121,8 @@ class _Seq:
         if self.seen is not None:
             return None
         p = self.params
-        return p.temperature, p.top_k, p.top_p, self.request.logprobs
+        bias = tuple(sorted(p.logit_bias.items())) if p.logit_bias else None
+        return p.temperature, p.top_k, p.top_p, bias, self.request.logprobs
 
     def accept(self, tid: int, lp, top) -> None:
         """Report the sampled token ``tid`` (its logprob ``lp``, a (1,) tensor, and ``top``)."""
@@ -240,7 +241,7 @@ class Batcher:
         model = self._model()
         if not 1 <= n <= self.max_batch:
             raise TunesmithError(f"must be between 1 and {self.max_batch}", field="n")
-        params.check()
+        params.check(model.vocab_size)
         ids = model._encode(prompt)[0].tolist()
         if len(ids) + params.max_tokens > model.context_length:
             raise TunesmithError(

@@ -17,7 +17,7 @@ A field's metadata holds:
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import TunesmithError
 from .models import DEFAULT_BASE
@@ -137,9 +137,27 @@ class SamplingConfig:
                                         cli=1.1)
     stop: Sequence[str] = setting((), "stop at this text (repeatable)")
     seed: int | None = setting(None, "same seed, same text")
+    # token id -> added to its logit before sampling; -100 bans a token, 100 all but forces it
+    logit_bias: Mapping[int, float] | None = setting(None, "add to these tokens' logits", min=-100, max=100,
+                                                     tokens=300)
 
-    def check(self) -> None:
-        check_fields(self)
+    def check(self, vocab: int | None = None) -> None:
+        """Raise TunesmithError naming the first bad field; ``vocab`` bounds logit_bias's token ids."""
+        check_fields(self, [f.name for f in fields(self) if f.name != "logit_bias"])
+        bias = self.logit_bias
+        if not bias:
+            return
+        meta = spec(SamplingConfig, "logit_bias")
+        if len(bias) > meta["tokens"]:
+            raise TunesmithError(f"at most {meta['tokens']} tokens, got {len(bias)}", field="logit_bias")
+        for token, value in bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (vocab is not None and token >= vocab):
+                top = f" below {vocab}" if vocab is not None else ""
+                raise TunesmithError(f"token id {token!r} must be an integer from 0{top}", field="logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                    or not in_bounds(meta, value):
+                raise TunesmithError(f"bias {value!r} of token {token} must be between {meta['min']} and {meta['max']}",
+                                     field="logit_bias")
 
 
 def with_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from .config import SamplingConfig, spec
 from .errors import TunesmithError
@@ -161,7 +161,7 @@ class Model:
         """Yield, per step, the sampled token ids (n,) plus their logprobs; the caller decides when to stop."""
         import torch
 
-        params.check()
+        params.check(self.vocab_size)
         input_ids = self._encode(prompt)
         prompt_len = input_ids.shape[1]
         if prompt_len + params.max_tokens > self.context_length:
@@ -255,6 +255,13 @@ class Model:
         return self.model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
 
     @property
+    def vocab_size(self) -> int:
+        """The number of token ids the model scores (its logits' width)."""
+        head = self.model.get_output_embeddings()
+        rows = getattr(head, "out_features", None)  # nn.Linear and Int8Linear (whose .weight dequantizes)
+        return int(rows) if rows is not None else int(self.model.config.vocab_size)
+
+    @property
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
@@ -271,12 +278,13 @@ class Model:
         n: int = 1,
         seed: int | None = None,
         logprobs: int | None = None,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> list[Completion]:
         """Write ``n`` continuations of ``prompt`` (sampled together as one batch)."""
         if not 1 <= n <= 16:
             raise TunesmithError("must be between 1 and 16", field="n")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        params = SamplingConfig(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+        params = SamplingConfig(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, logit_bias)
         start = time.perf_counter()
         first = 0.0
         stop_ids = self._stop_ids(stop)
@@ -328,6 +336,7 @@ class Model:
         stop: Sequence[str] | str | None = SamplingConfig.stop,
         seed: int | None = None,
         n: int = 1,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> Iterator[Chunk]:
         """Yield text as it is written. Text that might be the start of a stop sequence is held
         back until it is known not to be one, so a stop sequence never reaches the reader.
@@ -336,7 +345,7 @@ class Model:
         if n != 1:
             raise TunesmithError("streaming writes one completion at a time", field="n")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
-        params = SamplingConfig(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+        params = SamplingConfig(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, logit_bias)
         text = _Text(self.tokenizer, stop, self._stop_ids(stop))
         sent = 0
         for token, _, _ in self._decode_steps(prompt, params, 1, None):
@@ -442,7 +451,8 @@ TOP_P_CANDIDATES = 256  # first candidates of top-p sampling; more are taken whe
 
 
 def _sample(logits, seen, params: SamplingConfig, generator, logprobs: int | None):
-    """Pick the next token for each row: repetition penalty, temperature, top-k, top-p, then sample.
+    """Pick the next token for each row: logit bias, repetition penalty, temperature, top-k, top-p,
+    then sample.
 
     Log-probabilities are those of the model (before penalty and temperature), computed for the
     picked token (and the top ``logprobs``) only, rather than as a full-vocabulary log_softmax.
@@ -488,6 +498,19 @@ def _shape_logits(logits, seen, params: SamplingConfig):
     return torch.full_like(logits, float("-inf")).scatter(1, ids, values)
 
 
+def _biased(logits, params: SamplingConfig):
+    """``logits`` with ``params.logit_bias`` added to its tokens' columns (a copy), or ``logits``."""
+    import torch
+
+    if not params.logit_bias:
+        return logits
+    ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+    bias = torch.tensor([float(v) for v in params.logit_bias.values()], dtype=logits.dtype, device=logits.device)
+    out = logits.clone()
+    out[:, ids] += bias
+    return out
+
+
 def _log_norm(logits):
     """logsumexp of each row, computed row by row: over several rows at once PyTorch splits the
     work differently and a row's sum can differ in the last bit from that row's alone."""
@@ -507,7 +530,7 @@ def _sample_each(logits, params: SamplingConfig, generators: list, logprobs: int
 
     log_norm = _log_norm(logits)
     if params.temperature == 0:
-        token = logits.argmax(dim=-1)
+        token = _biased(logits, params).argmax(dim=-1)
     else:
         values, ids, short = _candidate_rows(logits, None, params, widen=False)
         picked = []
@@ -538,6 +561,7 @@ def _candidate_rows(logits, seen, params: SamplingConfig, widen: bool):
     so that every other row keeps the candidates, and the random draws, it has alone)."""
     import torch
 
+    logits = _biased(logits, params)
     if seen is not None:
         logits = logits.clone()
         picked = logits.gather(1, seen)

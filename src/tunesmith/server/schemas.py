@@ -43,6 +43,7 @@ class SamplingRequest(_Loose):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: dict | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; checked with the model's vocabulary
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     # tunesmith extensions

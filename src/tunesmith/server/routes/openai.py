@@ -159,7 +159,23 @@ def sampling(req: SamplingRequest, stop: list[str]) -> dict:
         "repetition_penalty": rep,
         "stop": stop,
         "seed": req.seed,
+        "logit_bias": logit_bias(req.logit_bias),
     }
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as JSON keys) with integer ids; its bounds are checked
+    where the model's vocabulary is known (SamplingConfig.check)."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias") from None
+        out[token] = value
+    return out
 
 
 def include_usage(req: SamplingRequest) -> bool:
