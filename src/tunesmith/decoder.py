@@ -386,17 +386,43 @@ class Decoder:
         lengths = [int(p.numel()) for p in prompts]
         if max(lengths) > cache.length:
             raise ValueError(f"the cache holds {cache.length} positions, {max(lengths)} needed")
+        if len(prompts) == 1:
+            return self._prefill_one(prompts[0], cache, rows[0])
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         x = F.embedding(torch.cat([p.reshape(-1) for p in prompts])[None], self.embed)
+        # every token's own position: q and k are rotated for all the prompts at once (the
+        # rotation is elementwise, so each prompt gets the values it gets alone)
+        positions = torch.cat([torch.arange(t, device=x.device) for t in lengths])
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        total, q_size, kv_size = x.shape[1], self.q_size, self.kv_size
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
             h = qkv(self._norm(x, ln1))
-            outs = [self._attend(h[:, start : start + t], cache.k[i, row : row + 1], cache.v[i, row : row + 1], 0)
-                    for start, t, row in zip(starts, lengths, rows)]
-            x = x + o(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+            q = self._rotate(h[..., :q_size].view(1, total, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = self._rotate(h[..., q_size : q_size + kv_size].view(1, total, self.kv_heads, self.head_dim)
+                             .transpose(1, 2), cos, sin)
+            v = h[..., q_size + kv_size :].view(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
+            outs = []
+            for start, t, row in zip(starts, lengths, rows):
+                keys, values = cache.k[i, row : row + 1], cache.v[i, row : row + 1]
+                keys[:, :, :t] = k[:, :, start : start + t]
+                values[:, :, :t] = v[:, :, start : start + t]
+                outs.append(F.scaled_dot_product_attention(q[:, :, start : start + t], keys[:, :, :t], values[:, :, :t],
+                                                           is_causal=t > 1, scale=self.scaling, enable_gqa=True))
+            x = x + o(torch.cat(outs, dim=2).transpose(1, 2).reshape(1, total, q_size))
             g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
             x = x + down(F.silu(g) * u)
         last = x[0, [start + t - 1 for start, t in zip(starts, lengths)]][:, None]
         return self.head(self._norm(last, self.norm))[:, -1].float()
+
+    def _prefill_one(self, prompt: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
+        """``prefill`` of one prompt into row ``row`` (``forward``'s Python pass, whatever its length)."""
+        x = F.embedding(prompt.reshape(1, -1), self.embed)
+        for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
+            h = qkv(self._norm(x, ln1))
+            x = x + o(self._attend(h, cache.k[i, row : row + 1], cache.v[i, row : row + 1], 0))
+            g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
+            x = x + down(F.silu(g) * u)
+        return self.head(self._norm(x[:, -1:], self.norm))[:, -1].float()
 
     def step_rows(self, tokens: list[int], positions: list[int], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token per row, row ``r`` at position ``positions[r]``, over the cache buffers
