@@ -4,11 +4,14 @@ of the same fixed length through /v1/completions.
 
 Per round: aggregate tokens/s (every client's completion tokens over the wall time from the
 first request to the last stream's end) and each client's first-token latency (request sent to
-its first text). A client streams until it has its tokens: a completion that ends early (the
-model wrote its end-of-text token) is followed at once by another (the next seed), so that every
-client keeps one stream open for the whole round, as the clients of the targets do; otherwise a
-client whose text ends after a few tokens leaves the others to run as a smaller batch. Rounds run interleaved (1, 2, 4, 8, 1, 2, 4, 8, ...). Targets (4 clients against
-1): aggregate tokens/s >= 3x, and each stream's first token within 2x of an idle server's.
+its first text). Every request bans the model's end-of-text tokens (OpenAI's ``logit_bias``,
+-100), so each completion writes its full length and every client does the same work whatever
+the round: otherwise some seeds end after a few tokens, and their clients must ask again (a new
+request, a new prefill that holds the batch up) where the single client of the 1-client rounds
+never did. Should a completion still end early, its client asks again at once (the next seed)
+until it has its tokens; "completions per round" counts them. Rounds run interleaved (1, 2, 4,
+8, 1, 2, 4, 8, ...). Targets (4 clients against 1): aggregate tokens/s >= 3x, and each
+stream's first token within 2x of an idle server's.
 The server is warmed first (model loaded, each batch size run once), so no round pays a load.
 
     .venv/bin/python bench/run.py --only serve_bench [--quick]
@@ -54,7 +57,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stream(client, model: str, prompt: str, tokens: int, seed: int) -> dict:
+def _end_ids(model: str) -> list[int]:
+    """The token ids that end ``model``'s text (its generation config's and tokenizer's eos, as
+    tunesmith's Model reads them), from the machine's model cache; none if it is not there."""
+    from tunesmith.home import models_dir
+
+    folder = models_dir() / model
+    if not (folder / "config.json").exists():
+        return []
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids = set()
+    try:
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _stream(client, model: str, prompt: str, tokens: int, seed: int, bias: dict) -> dict:
     """Stream completions of ``prompt`` until ``tokens`` completion tokens came back (one, unless
     a completion ends early); the first token's latency is the first stream's."""
     sent = time.perf_counter()
@@ -64,7 +89,8 @@ def _stream(client, model: str, prompt: str, tokens: int, seed: int) -> dict:
         got = 0
         for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=tokens - completion_tokens,
                                                temperature=TEMPERATURE, top_p=TOP_P, seed=seed + 1000 * streams,
-                                               stream=True, stream_options={"include_usage": True}):
+                                               logit_bias=bias or None, stream=True,
+                                               stream_options={"include_usage": True}):
             if chunk.choices and chunk.choices[0].text and first is None:
                 first = time.perf_counter()
             if chunk.usage:
@@ -77,7 +103,7 @@ def _stream(client, model: str, prompt: str, tokens: int, seed: int) -> dict:
     return {"sent": sent, "first": (first or end) - sent, "end": end, "tokens": completion_tokens, "streams": streams}
 
 
-def _round(client, model: str, clients: int, tokens: int, seed: int) -> dict:
+def _round(client, model: str, clients: int, tokens: int, seed: int, bias: dict) -> dict:
     """``clients`` streams started together; their aggregate tokens/s and first-token latencies."""
     barrier = threading.Barrier(clients)
     results: list = [None] * clients
@@ -86,7 +112,7 @@ def _round(client, model: str, clients: int, tokens: int, seed: int) -> dict:
     def work(i: int) -> None:
         try:
             barrier.wait()
-            results[i] = _stream(client, model, PROMPTS[i % len(PROMPTS)], tokens, seed + i)
+            results[i] = _stream(client, model, PROMPTS[i % len(PROMPTS)], tokens, seed + i, bias)
         except Exception as exc:  # noqa: BLE001 - reported with the round
             errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -132,6 +158,8 @@ def run(ctx: dict) -> dict:
     if not (home / "models").exists():
         (home / "models").symlink_to(models_dir(), target_is_directory=True)
     env = {**os.environ, **ctx["env"], "PYTHONPATH": str(ROOT / "src"), "TUNESMITH_HOME": str(home)}
+    ends = _end_ids(model)
+    bias = {str(i): -100 for i in ends}  # every completion runs its full length (the module's docstring)
     log = Path(ctx["work"]) / "serve_bench.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "tunesmith.server", "serve", "--port", str(port),
@@ -154,11 +182,11 @@ def run(ctx: dict) -> dict:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         say(f"  warming the server ({model}: load, then each batch size once) ...")
         for clients in CLIENTS:
-            _round(client, model, clients, 8, seed=1000)
+            _round(client, model, clients, 8, seed=1000, bias=bias)
         rounds: dict[int, list[dict]] = {c: [] for c in CLIENTS}
         for repeat in range(repeats):
             for clients in CLIENTS:
-                result = _round(client, model, clients, tokens, seed=repeat * 100)
+                result = _round(client, model, clients, tokens, seed=repeat * 100, bias=bias)
                 rounds[clients].append(result)
                 if "error" in result:
                     say(f"  {clients} client(s): {result['error']}")
@@ -183,7 +211,7 @@ def run(ctx: dict) -> dict:
                          "tokens": _stats([r["tokens"] for r in ok]),
                          "streams": _stats([r["streams"] for r in ok])}
     result = {"model": model, "tokens_per_client": tokens, "repeats": repeats, "rows": {str(k): v for k, v in rows.items()},
-              "temperature": TEMPERATURE, "top_p": TOP_P}
+              "temperature": TEMPERATURE, "top_p": TOP_P, "banned": ends}
     one, four = rows.get(1, {}), rows.get(4, {})
     if "tokens_per_second" in one and "tokens_per_second" in four:
         t1, t4 = one["tokens_per_second"], four["tokens_per_second"]
@@ -210,9 +238,10 @@ def render(result: dict) -> str:
         f"`tunesmith serve` with {result['model']}, each client streaming {result['tokens_per_client']} tokens "
         f"(temperature {result['temperature']}, top_p {result['top_p']}, a fixed prompt and seed each) through "
         f"/v1/completions; all clients start together; {result['repeats']} interleaved rounds, median (range). "
-        "A client whose completion ends early (end-of-text) asks again at once, with the next seed, until it "
-        "has its tokens, so every client keeps a stream open for the whole round; completions per round "
-        "counts them. Concurrent requests share one batched decoding loop.",
+        f"Every request bans the end-of-text token(s) {result.get('banned') or 'of the model'} (`logit_bias` "
+        "-100), so each completion writes its full length and every client does the same work in every round. "
+        "A client whose completion still ends early would ask again at once (the next seed) until it has its "
+        "tokens; completions per round counts them. Concurrent requests share one batched decoding loop.",
         "",
         "| clients | aggregate tokens/s | first token p50 (ms) | first token p95 (ms) | completions per round |",
         "| ---: | ---: | ---: | ---: | ---: |",
