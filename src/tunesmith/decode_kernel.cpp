@@ -317,6 +317,17 @@ void vectors_to_tiles(const at::BFloat16* x, int64_t batch, int64_t k, at::BFloa
   }
 }
 
+// A tile of sums (16 weight rows x 16 vectors, fp32) into out (batch, N): vector first + j gets
+// column j (its outputs n..n+15), rounded to bf16 nearest-even (as c10::BFloat16 rounds) in one store.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void tile_columns(
+    const float* sums, at::BFloat16* out, int64_t n_total, int64_t n, int64_t first, int64_t vectors) {
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+  for (int64_t j = 0; j < vectors; ++j) {
+    const __m512 col = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(static_cast<int>(j))), sums, 4);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (first + j) * n_total + n), (__m256i)_mm512_cvtneps_pbh(col));
+  }
+}
+
 // Rows n0..n1-1 (whole blocks of 16) of a bf16 weight (N, K) against every vector, two blocks at
 // a time where it can (two independent tile sums). Tiles: 0 and 3 sums, 1 and 4 weights, 2 vectors.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))) void amx_rows(
@@ -330,11 +341,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
   _tile_loadconfig(&cfg);
   const int64_t chunks = k / 32, blocks = (batch + 15) / 16, stride = k * 2;
   alignas(64) float sums[16 * 16];
-  auto store = [&](int64_t n, int64_t vb) {
-    const int64_t v = std::min<int64_t>(16, batch - vb * 16);
-    for (int r = 0; r < 16; ++r)
-      for (int64_t j = 0; j < v; ++j) out[(vb * 16 + j) * n_total + n + r] = static_cast<at::BFloat16>(sums[r * 16 + j]);
-  };
+  auto store = [&](int64_t n, int64_t vb) { tile_columns(sums, out, n_total, n, vb * 16, std::min<int64_t>(16, batch - vb * 16)); };
   int64_t n = n0;
   for (; n + 32 <= n1; n += 32) {
     for (int64_t vb = 0; vb < blocks; ++vb) {
