@@ -439,3 +439,30 @@ def test_logit_bias_bans_and_forces_tokens(model):
     forced = model.generate("The", max_tokens=5, temperature=1.0, seed=3, logit_bias={42: 100})[0]
     assert forced.text == model.tokenizer.decode([42] * 5)
     assert model.generate("The", max_tokens=6, temperature=0)[0].text == plain.text
+
+
+@pytest.mark.parametrize("scale,top_k,top_p", [(0.05, 0, 0.9), (0.5, 0, 0.95), (3.0, 0, 0.5), (8.0, 0, 0.99),
+                                               (2.0, 40, 0.9), (1.0, 300, 1.0), (0.02, 5000, 0.95)])
+def test_cpp_candidates_keep_what_pytorch_keeps(scale, top_k, top_p):
+    """The C++ sampling passes (float logits on a CPU) keep the tokens PyTorch's operators keep
+    (float64 logits take those) with the same shaped values, for flat and peaked rows over the
+    real vocabulary size, and draw each row as alone."""
+    import torch
+
+    from tunesmith import decode_kernel
+    from tunesmith.generate import SamplingParams, _candidate_rows, _shape_logits
+
+    module = decode_kernel.load(quiet=True)
+    if module is None:
+        pytest.skip("the C++ extension is not built here")
+    rows = torch.randn(3, 49152, generator=torch.Generator().manual_seed(4)) * torch.tensor([[scale], [0.05], [6.0]])
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    fast = _shape_logits(rows, None, params)
+    slow = _shape_logits(rows.double(), None, params)
+    kept = torch.isfinite(fast)
+    assert torch.equal(kept, torch.isfinite(slow))
+    torch.testing.assert_close(fast[kept], slow[kept].float())
+    _, _, _, counts = _candidate_rows(rows, None, params, widen=False)
+    assert counts == kept.sum(-1).tolist()
+    # log-sum-exp as PyTorch computes it, within float rounding
+    torch.testing.assert_close(module.log_norms(rows), torch.logsumexp(rows.double(), -1, keepdim=True).float())

@@ -511,11 +511,26 @@ def _biased(logits, params: SamplingConfig):
     return out
 
 
+def _sampler(logits):
+    """The C++ sampling passes (``decode_kernel``: ``log_norms``, ``candidates``) for float logits
+    on a CPU, or None (other dtypes and devices, or no extension): PyTorch's operators then."""
+    import torch
+
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2:
+        return None
+    from . import decode_kernel
+
+    return decode_kernel.load(quiet=True)
+
+
 def _log_norm(logits):
     """logsumexp of each row, computed row by row: over several rows at once PyTorch splits the
     work differently and a row's sum can differ in the last bit from that row's alone."""
     import torch
 
+    fast = _sampler(logits)
+    if fast is not None:
+        return fast.log_norms(logits.contiguous())
     if logits.shape[0] == 1:
         return torch.logsumexp(logits, dim=-1, keepdim=True)
     return torch.cat([torch.logsumexp(row, dim=-1, keepdim=True) for row in logits.split(1)])
@@ -532,11 +547,13 @@ def _sample_each(logits, params: SamplingConfig, generators: list, logprobs: int
     if params.temperature == 0:
         token = _biased(logits, params).argmax(dim=-1)
     else:
-        values, ids, short = _candidate_rows(logits, None, params, widen=False)
+        values, ids, short, counts = _candidate_rows(logits, None, params, widen=False)
         picked = []
         for i, generator in enumerate(generators):
             row_values, row_ids = values[i : i + 1], None if ids is None else ids[i : i + 1]
-            if short is not None and bool(short[i]):  # its candidates fell short of top_p: widen them alone
+            if counts is not None:  # the row's own candidates, without the other rows' width
+                row_values, row_ids = row_values[:, : counts[i]], row_ids[:, : counts[i]]
+            elif short is not None and bool(short[i]):  # its candidates fell short of top_p: widen them alone
                 row_values, row_ids = _candidates(logits[i : i + 1], None, params)
             row = torch.multinomial(row_values.softmax(-1), 1, generator=generator)
             picked.append(row if row_ids is None else row_ids.gather(1, row))
@@ -550,15 +567,21 @@ def _candidates(logits, seen, params: SamplingConfig):
     token ids; ``ids`` is None when every token is a candidate (values: the whole vocabulary).
     Sampling among a few hundred candidates instead of the vocabulary saves a multinomial draw
     over 49,152 probabilities per row and step."""
-    values, ids, _ = _candidate_rows(logits, seen, params, widen=True)
+    values, ids, _, _ = _candidate_rows(logits, seen, params, widen=True)
     return values, ids
 
 
 def _candidate_rows(logits, seen, params: SamplingConfig, widen: bool):
-    """``_candidates``, plus ``short``: for top-p without top-k, the rows whose candidates do not
-    reach top_p yet (a bool tensor; None where that cannot happen). ``widen`` takes more
-    candidates until no row is short; without it, short rows are the caller's to widen (alone,
-    so that every other row keeps the candidates, and the random draws, it has alone)."""
+    """``_candidates``, plus ``short`` and ``counts``.
+
+    ``short``: for top-p without top-k, the rows whose candidates do not reach top_p yet (a bool
+    tensor; None where that cannot happen). ``widen`` takes more candidates until no row is short;
+    without it, short rows are the caller's to widen (alone, so that every other row keeps the
+    candidates, and the random draws, it has alone).
+
+    ``counts``: where the C++ passes chose the candidates (float logits on a CPU, ``_sampler``),
+    each row's number of kept candidates (a list): its first ``counts[i]`` columns; the columns
+    after them, up to the widest row, are other tokens with -inf. Never short then."""
     import torch
 
     logits = _biased(logits, params)
@@ -568,7 +591,12 @@ def _candidate_rows(logits, seen, params: SamplingConfig, widen: bool):
         picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
         logits.scatter_(1, seen, picked)
     if params.temperature == 0:
-        return logits, None, None
+        return logits, None, None, None
+    fast = _sampler(logits) if params.top_k or params.top_p < 1.0 else None
+    if fast is not None:
+        values, ids, counts = fast.candidates(logits.contiguous(), float(params.temperature), int(params.top_k),
+                                              float(params.top_p))
+        return values, ids, None, counts.tolist()
     logits = logits / params.temperature
     vocab = logits.shape[-1]
     values, ids, short = logits, None, None
@@ -593,7 +621,7 @@ def _candidate_rows(logits, seen, params: SamplingConfig, widen: bool):
                     break
                 k = min(vocab, 8 * k)
         values = values.masked_fill(drop, float("-inf"))
-    return values, ids, short
+    return values, ids, short, None
 
 
 class _KernelSwitch:
