@@ -303,17 +303,20 @@ struct alignas(64) TileConfig {
 
 // x (batch, k) in the layout of a tile's second operand: per block of 16 vectors and chunk of 32,
 // 16 rows (pairs of k) of 16 vectors x 2 values; vectors past the batch are zeros.
-void vectors_to_tiles(const at::BFloat16* x, int64_t batch, int64_t k, at::BFloat16* tiles) {
-  const int64_t chunks = k / 32;
-  std::fill(tiles, tiles + (batch + 15) / 16 * chunks * 512, at::BFloat16(0.0f));
+// (Each chunk of a vector is 16 pairs, which go 16 pairs apart: one scatter of 32-bit pairs.)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void vectors_to_tiles(const at::BFloat16* x, int64_t batch,
+                                                                           int64_t k, at::BFloat16* tiles) {
+  const int64_t chunks = k / 32, blocks = (batch + 15) / 16;
+  if (batch % 16) {  // the last block's vectors past the batch are zeros
+    at::BFloat16* last = tiles + (blocks - 1) * chunks * 512;
+    std::fill(last, last + chunks * 512, at::BFloat16(0.0f));
+  }
+  const __m512i apart = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
   for (int64_t b = 0; b < batch; ++b) {
     at::BFloat16* block = tiles + (b / 16) * chunks * 512 + (b % 16) * 2;
     const at::BFloat16* xb = x + b * k;
     for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t p = 0; p < 16; ++p) {
-        block[c * 512 + p * 32] = xb[c * 32 + 2 * p];
-        block[c * 512 + p * 32 + 1] = xb[c * 32 + 2 * p + 1];
-      }
+      _mm512_i32scatter_epi32(block + c * 512, apart, _mm512_loadu_si512(xb + c * 32), 4);
   }
 }
 
@@ -726,6 +729,8 @@ void split(int64_t n, F fn) {
 // heads x positions attended in a layer from which attention is split between the threads
 // (measured: 4 rows at position 100, 17.0 ms a step against 19.6 unsplit; one row unchanged)
 constexpr int64_t SPLIT_ATTENTION = 1024;
+// rows from which their vector work (norms, rotation, SiLU, adds) is split between the threads
+constexpr int64_t SPLIT_ROWS = 16;
 
 class Step {
  public:
@@ -741,26 +746,35 @@ class Step {
   }
 
   // Feed ``tokens[b]`` at position ``positions[b]`` for each row b; ``k``/``v`` are the cache,
-  // (layers, rows, kv_heads, length, head_dim), row b's written at its position. Returns the
-  // float logits (rows, vocab). A row's logits and cache do not depend on the other rows, as
-  // long as ``tiles`` is the same: bf16 products on AMX tiles where the CPU has them (what a
-  // batch should take), or the AVX-512 loop (a little faster for one row alone).
+  // (layers, rows, kv_heads, length, head_dim), row b's written at its position into cache row
+  // ``cache_rows[b]`` (default: b). Several rows may feed one cache row at consecutive positions
+  // (a prompt's tokens: each attends to the positions up to its own, written in the same layer
+  // first). Returns the float logits (rows, vocab), or of the rows ``logit_rows`` only. A row's
+  // logits and cache do not depend on the other rows, as long as ``tiles`` is the same: bf16
+  // products on AMX tiles where the CPU has them (what a batch should take), or the AVX-512
+  // loop (a little faster for one row alone).
   at::Tensor operator()(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions, at::Tensor k,
-                        at::Tensor v, bool tiles) {
+                        at::Tensor v, bool tiles, const std::vector<int64_t>& cache_rows,
+                        const std::vector<int64_t>& logit_rows) {
     c10::InferenceMode guard;
     const int64_t rows = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(rows >= 1 && positions.size() == tokens.size(), "one position per token");
-    TORCH_CHECK(k.dim() == 5 && k.sizes() == v.sizes() && k.size(1) >= rows, "the cache holds fewer rows than tokens");
+    TORCH_CHECK(cache_rows.empty() || cache_rows.size() == tokens.size(), "one cache row per token");
+    TORCH_CHECK(k.dim() == 5 && k.sizes() == v.sizes() && (!cache_rows.empty() || k.size(1) >= rows),
+                "the cache holds fewer rows than tokens");
     for (int64_t b = 0; b < rows; ++b) {
       TORCH_CHECK(positions[b] >= 0 && positions[b] < k.size(3), "position ", positions[b], " is outside the cache");
       TORCH_CHECK(tokens[b] >= 0 && tokens[b] < embed_.size(0), "token ", tokens[b], " is outside the vocabulary");
+      TORCH_CHECK(cache_rows.empty() || (cache_rows[b] >= 0 && cache_rows[b] < k.size(1)), "cache row ",
+                  cache_rows.empty() ? b : cache_rows[b], " is outside the cache");
     }
+    for (const int64_t r : logit_rows) TORCH_CHECK(r >= 0 && r < rows, "logit row ", r, " is not a row");
     TORCH_CHECK(k.stride(4) == 1 && v.stride(4) == 1 && k.strides() == v.strides(), "unexpected cache layout");
     TORCH_CHECK(k.scalar_type() == embed_.scalar_type() && v.scalar_type() == embed_.scalar_type(),
                 "the cache's dtype is not the model's");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embed_.scalar_type(), "decode_step", [&] {
-      out = run<scalar_t>(tokens, positions, k, v, tiles);
+      out = run<scalar_t>(tokens, positions, k, v, tiles, cache_rows, logit_rows);
     });
 #ifdef TUNESMITH_AVX512
     pool().rest();
@@ -771,7 +785,9 @@ class Step {
  private:
   template <typename T>
   at::Tensor run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions, const at::Tensor& k,
-                 const at::Tensor& v, bool tiles) {
+                 const at::Tensor& v, bool tiles, const std::vector<int64_t>& cache_rows,
+                 const std::vector<int64_t>& logit_rows) {
+    const auto crow = [&](int64_t b) { return cache_rows.empty() ? b : cache_rows[b]; };
     const int64_t rows = static_cast<int64_t>(tokens.size());
     const int64_t hidden = embed_.size(1);
     const int64_t q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
@@ -786,12 +802,23 @@ class Step {
     at::Tensor scores = at::empty({rows * heads_, longest}, x.options().dtype(at::kFloat));
     T* xp = x.data_ptr<T>();
     T* hp = h.data_ptr<T>();
+    // the vector work of each row: on this thread for a step's few rows, split between the
+    // threads for a prompt's many (a prefill of 136 tokens spent a fifth of its time there alone)
+    const auto each_row = [&](const auto& fn) {
+      if (rows >= SPLIT_ROWS) {
+        split(rows, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) fn(b);
+        });
+      } else {
+        for (int64_t b = 0; b < rows; ++b) fn(b);
+      }
+    };
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
-      for (int64_t b = 0; b < rows; ++b) row_norm(xp + b * hidden, l.ln1.data_ptr<T>(), hp + b * hidden, hidden, eps);
+      each_row([&](int64_t b) { row_norm(xp + b * hidden, l.ln1.data_ptr<T>(), hp + b * hidden, hidden, eps); });
       at::Tensor qkv = product(l.qkv, l.qkv_scale, h, tiles);
       const int64_t width = qkv.size(1);
-      for (int64_t b = 0; b < rows; ++b) {
+      each_row([&](int64_t b) {
         const int64_t pos = positions[b];
         const T* cos = cos_[pos].data_ptr<T>();
         const T* sin = sin_[pos].data_ptr<T>();
@@ -799,22 +826,22 @@ class Step {
         row_rotate(q, cos, sin, heads_, head_dim_);
         row_rotate(q + q_size, cos, sin, kv_heads_, head_dim_);
         // row b's cache in this layer, (kv_heads, length, head_dim): the new key and value go in at ``pos``
-        T* keys = k.data_ptr<T>() + i * k.stride(0) + b * k.stride(1);
-        T* values = v.data_ptr<T>() + i * v.stride(0) + b * v.stride(1);
+        T* keys = k.data_ptr<T>() + i * k.stride(0) + crow(b) * k.stride(1);
+        T* values = v.data_ptr<T>() + i * v.stride(0) + crow(b) * v.stride(1);
         for (int64_t g = 0; g < kv_heads_; ++g) {
           std::copy(q + q_size + g * head_dim_, q + q_size + (g + 1) * head_dim_,
                     keys + g * k.stride(2) + pos * k.stride(3));
           std::copy(q + q_size + kv_size + g * head_dim_, q + q_size + kv_size + (g + 1) * head_dim_,
                     values + g * v.stride(2) + pos * v.stride(3));
         }
-      }
+      });
       // attention, one (row, head) per item; split between the threads where it is long enough
       // to pay for waking them (about 27 ns a head and position here)
       const auto heads_of = [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t b = j / heads_, h = j % heads_;
-          row_attend(qkv.data_ptr<T>() + b * width, k.data_ptr<T>() + i * k.stride(0) + b * k.stride(1),
-                 v.data_ptr<T>() + i * v.stride(0) + b * v.stride(1), k.stride(2), k.stride(3),
+          row_attend(qkv.data_ptr<T>() + b * width, k.data_ptr<T>() + i * k.stride(0) + crow(b) * k.stride(1),
+                 v.data_ptr<T>() + i * v.stride(0) + crow(b) * v.stride(1), k.stride(2), k.stride(3),
                  attn.data_ptr<T>() + b * q_size, h, heads_, kv_heads_, positions[b] + 1, head_dim_,
                  static_cast<float>(scaling_), scores.data_ptr<float>() + j * longest);
         }
@@ -825,20 +852,28 @@ class Step {
         heads_of(0, rows * heads_);
       }
       at::Tensor o = product(l.o, l.o_scale, attn, tiles);
-      row_add(xp, o.data_ptr<T>(), rows * hidden);
-      for (int64_t b = 0; b < rows; ++b) row_norm(xp + b * hidden, l.ln2.data_ptr<T>(), hp + b * hidden, hidden, eps);
+      each_row([&](int64_t b) {
+        row_add(xp + b * hidden, o.data_ptr<T>() + b * hidden, hidden);
+        row_norm(xp + b * hidden, l.ln2.data_ptr<T>(), hp + b * hidden, hidden, eps);
+      });
       at::Tensor gu = product(l.gate_up, l.gate_up_scale, h, tiles);
-      for (int64_t b = 0; b < rows; ++b) {
+      each_row([&](int64_t b) {
         const T* g = gu.data_ptr<T>() + b * 2 * intermediate_;
         row_silu_mul(g, g + intermediate_, act.data_ptr<T>() + b * intermediate_, intermediate_);
-      }
+      });
       at::Tensor d = product(l.down, l.down_scale, act, tiles);
-      row_add(xp, d.data_ptr<T>(), rows * hidden);
+      each_row([&](int64_t b) { row_add(xp + b * hidden, d.data_ptr<T>() + b * hidden, hidden); });
     }
-    for (int64_t b = 0; b < rows; ++b) row_norm(xp + b * hidden, norm_.data_ptr<T>(), hp + b * hidden, hidden, eps);
+    std::vector<int64_t> heads_rows = logit_rows;  // the rows whose logits are asked for
+    if (heads_rows.empty())
+      for (int64_t b = 0; b < rows; ++b) heads_rows.push_back(b);
+    const int64_t out_rows = static_cast<int64_t>(heads_rows.size());
+    at::Tensor last = at::empty({out_rows, hidden}, x.options());
+    for (int64_t j = 0; j < out_rows; ++j)
+      row_norm(xp + heads_rows[j] * hidden, norm_.data_ptr<T>(), last.data_ptr<T>() + j * hidden, hidden, eps);
     // to fp32 here rather than with .to(): that copy would be a parallel region of PyTorch's
     // OpenMP pool, whose threads then spin beside the products' own
-    const at::Tensor logits = product(head_, head_scale_, h, tiles);
+    const at::Tensor logits = product(head_, head_scale_, last, tiles);
     at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
     const T* lp = logits.data_ptr<T>();
     float* op = out.data_ptr<float>();
@@ -993,6 +1028,14 @@ std::vector<at::Tensor> candidates(const at::Tensor& logits, double temperature,
   return {values, ids, counts};
 }
 
+bool has_tiles() {
+#ifdef TUNESMITH_AVX512
+  return has_amx();
+#else
+  return false;
+#endif
+}
+
 bool set_tiles(bool allowed) {
 #ifdef TUNESMITH_AVX512
   tiles_allowed.store(allowed);
@@ -1037,7 +1080,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("__call__", &Step::operator(), pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("k"),
-           pybind11::arg("v"), pybind11::arg("tiles"), pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::arg("v"), pybind11::arg("tiles"), pybind11::arg("cache_rows") = std::vector<int64_t>{},
+           pybind11::arg("logit_rows") = std::vector<int64_t>{}, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("tiles", &has_tiles, "whether bf16 products run on AMX tiles here");
   m.def("threads_here", &threads_here, "OpenMP threads of PyTorch's operators on this thread; returns the previous",
         pybind11::arg("n"));
   m.def("mkl_threads_here", &mkl_threads_here,

@@ -331,6 +331,20 @@ class Decoder:
                                                    self.intermediate, float(self.eps), float(self.scaling))
         return self._kernel or None
 
+    def _prefill_step(self):
+        """The C++ step for prompts (several tokens a row), where its products of many rows are
+        fast: bf16 weights multiplied on AMX tiles. Each token is then one row of the step, fed
+        into its prompt's cache row, so a prompt's cache and logits are the same alone or
+        prefilled beside others, whatever the thread count (oneDNN's products, the Python
+        prefill's, keep rows apart only up to some number of rows, which depends on the threads:
+        bench/NOTES.md, decoding round 6). Four prompts of 136 tokens: about 45 ms against 90."""
+        if not self.use_kernel or self.dtype != torch.bfloat16 or self.head.scale is not None:
+            return None
+        step = self.kernel()
+        if step is None or not _decode_kernel().load().tiles():
+            return None
+        return step
+
     def _attend(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
         """Attention of one layer for ``h`` (rows, T, q+k+v), the fused projections of T tokens at
         positions ``start`` on: rotate q and k, write k and v into the layer's cache ``keys`` /
@@ -365,6 +379,12 @@ class Decoder:
             logits = step(tokens[:, 0].tolist(), [start] * rows, cache.k, cache.v, rows > 1)
             cache.filled = end
             return logits
+        if t > 1 and (step := self._prefill_step()) is not None:
+            ids = tokens.tolist()
+            logits = step([i for row in ids for i in row], list(range(start, end)) * rows, cache.k, cache.v, True,
+                          [r for r in range(rows) for _ in range(t)], [r * t + t - 1 for r in range(rows)])
+            cache.filled = end
+            return logits
         x = F.embedding(tokens, self.embed)
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
             h = qkv(self._norm(x, ln1))
@@ -386,6 +406,14 @@ class Decoder:
         lengths = [int(p.numel()) for p in prompts]
         if max(lengths) > cache.length:
             raise ValueError(f"the cache holds {cache.length} positions, {max(lengths)} needed")
+        if (step := self._prefill_step()) is not None:
+            tokens, positions, cache_rows, last = [], [], [], []
+            for prompt, t, row in zip(prompts, lengths, rows):
+                tokens += prompt.reshape(-1).tolist()
+                positions += range(t)
+                cache_rows += [row] * t
+                last.append(len(tokens) - 1)
+            return step(tokens, positions, cache.k, cache.v, True, cache_rows, last)
         if len(prompts) == 1:
             return self._prefill_one(prompts[0], cache, rows[0])
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
