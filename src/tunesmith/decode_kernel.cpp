@@ -1,5 +1,6 @@
 // The decoding step of a llama-family model in C++, for one or several rows, each at its own
-// position (see decode_kernel.py).
+// position and cache row (see decode_kernel.py): the server's batch, and bf16 prompts, a token a
+// row; and the sampler's passes over the vocabulary.
 //
 // The weight products of a bf16 model (bf16 or int8 weights) are written out below: AVX-512
 // loops that fetch the weights ahead of use, and AMX tiles for bf16 batches; elsewhere (fp32,
@@ -836,7 +837,7 @@ class Step {
         }
       });
       // attention, one (row, head) per item; split between the threads where it is long enough
-      // to pay for waking them (about 27 ns a head and position here)
+      // to pay for waking them (a few ns a head and position here, most of it reading the cache)
       const auto heads_of = [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t b = j / heads_, h = j % heads_;
