@@ -337,7 +337,7 @@ class Decoder:
         into its prompt's cache row, so a prompt's cache and logits are the same alone or
         prefilled beside others, whatever the thread count (oneDNN's products, the Python
         prefill's, keep rows apart only up to some number of rows, which depends on the threads:
-        bench/NOTES.md, decoding round 6). Four prompts of 136 tokens: about 45 ms against 90."""
+        bench/NOTES.md, decoding round 6). Four prompts of 136 tokens: about 52 ms against 95."""
         if not self.use_kernel or self.dtype != torch.bfloat16 or self.head.scale is not None:
             return None
         step = self.kernel()
