@@ -517,6 +517,34 @@ def test_kernel_prefill_holds_each_prompts_bits_and_the_python_prefills_distribu
                     assert torch.equal(shared.v[:, rows[i], :, :t], alone.v[:, 0, :, :t])
             finally:
                 torch.set_num_threads(threads)
+        # long prompts go through in several calls (bounded attention scratch): the same bits
+        import tunesmith.decoder as decoder_module
+
+        small = dec.new_cache(len(prompts) + 1, 256)
+        bound = decoder_module.PROMPT_ATTENDED
+        decoder_module.PROMPT_ATTENDED = 64
+        try:
+            chunked = dec.prefill(prompts, small, rows)
+        finally:
+            decoder_module.PROMPT_ATTENDED = bound
+        assert torch.equal(chunked, together)
+        assert torch.equal(small.k, shared.k) and torch.equal(small.v, shared.v)
+        # long prompts take the Python pass, alone as beside short ones through the C++ step
+        cut = decoder_module.KERNEL_PROMPT_TOKENS
+        decoder_module.KERNEL_PROMPT_TOKENS = 8
+        dec.pack()  # as the server's loop does: the Python pass keeps rows apart on the reordered weights
+        try:
+            mixed = dec.prefill(prompts, dec.new_cache(len(prompts) + 1, 256), rows)
+            for i, ids in enumerate(prompts):
+                assert torch.equal(mixed[i], dec.prefill([ids], dec.new_cache(1, 256), [0])[0]), i
+                if len(ids) > 8:
+                    dec.use_kernel = False
+                    assert torch.equal(mixed[i], dec.prefill([ids], dec.new_cache(1, 256), [0])[0]), i
+                    dec.use_kernel = True
+        finally:
+            decoder_module.KERNEL_PROMPT_TOKENS = cut
+            dec.use_kernel = True
+        assert any(len(ids) > 8 for ids in prompts) and any(len(ids) <= 8 for ids in prompts)
         dec.use_kernel = False
         python = dec.prefill(prompts, dec.new_cache(len(prompts) + 1, 256), rows)
         dec.use_kernel = True
