@@ -431,8 +431,6 @@ class Decoder:
     def _prefill_python(self, prompts: list[torch.Tensor], cache: KVCache, rows: list[int]) -> torch.Tensor:
         """``prefill`` through PyTorch's operators (oneDNN's products on the reordered weights)."""
         lengths = [int(p.numel()) for p in prompts]
-        if len(prompts) == 1:
-            return self._prefill_one(prompts[0], cache, rows[0])
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         x = F.embedding(torch.cat([p.reshape(-1) for p in prompts])[None], self.embed)
         # every token's own position: q and k are rotated for all the prompts at once (the
@@ -458,16 +456,6 @@ class Decoder:
             x = x + down(F.silu(g) * u)
         last = x[0, [start + t - 1 for start, t in zip(starts, lengths)]][:, None]
         return self.head(self._norm(last, self.norm))[:, -1].float()
-
-    def _prefill_one(self, prompt: torch.Tensor, cache: KVCache, row: int) -> torch.Tensor:
-        """``prefill`` of one prompt into row ``row`` (``forward``'s Python pass, whatever its length)."""
-        x = F.embedding(prompt.reshape(1, -1), self.embed)
-        for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
-            h = qkv(self._norm(x, ln1))
-            x = x + o(self._attend(h, cache.k[i, row : row + 1], cache.v[i, row : row + 1], 0))
-            g, u = gate_up(self._norm(x, ln2)).split(self.intermediate, dim=-1)
-            x = x + down(F.silu(g) * u)
-        return self.head(self._norm(x[:, -1:], self.norm))[:, -1].float()
 
     def step_rows(self, tokens: list[int], positions: list[int], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token per row, row ``r`` at position ``positions[r]``, over the cache buffers
